@@ -1,0 +1,86 @@
+"""The Highway-BP iteration (design note, section 2), written once for every adapter.
+
+Notation. A layer runs ``T`` steps; arrays are indexed by step ``t = 0 .. T-1`` and hold
+the adjoint of the state *after* that step. The adjoint estimate ``u`` solves
+
+    u_t = b_t + a_t ⊙ u_{t+1},        u_T = 0                       (reverse linear scan)
+
+where ``a_t`` is the residual multiplier that carries ``u_{t+1}`` into ``u_t`` (the
+residual of step ``t+1``, already shifted by the caller: ``diag(K_{t+1})``) and
+
+    b^0_t     = ℓ_t                                                  (highway only)
+    b^{k+1}_t = ℓ_t + v^{k+1}_t,   v^{k+1}_t = u^k_{t+1} J_{t+1}     (one batched VJP)
+
+The caller supplies ``block(u) -> v``, the block VJP of every step applied to the current
+estimate and aligned as above. It may keep state between calls (the LSTM ``"gates"``
+split does), but it must not depend on anything but ``u`` and that state.
+
+``gamma`` moves part of the residual into the block: ``K' = (1-γ) K``,
+``J' = J + γ K``. The exact gradient is unchanged; ``γ = 1`` is FPI.
+
+After ``k`` iterations ``u^k_t`` is exact for ``t >= T-1-k`` (the last ``k+1``
+steps), so ``T`` iterations give the exact adjoint whatever ``J`` is.
+
+The arithmetic runs on whatever arrays the caller uses: ``ops`` brings the three
+operations that are not plain ``+`` and ``*``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from .options import Diagnostics
+
+__all__ = ["ArrayOps", "highway_adjoint"]
+
+
+class ArrayOps(Protocol):
+    """The array operations the iteration needs, for one framework."""
+
+    def reverse_scan(self, a: Any, b: Any) -> Any:
+        """``u_t = a_t ⊙ u_{t+1} + b_t`` along axis 0."""
+
+    def shift_next(self, u: Any) -> Any:
+        """``u_{t+1}`` at step ``t``, zero at the last step (axis 0)."""
+
+    def norm(self, x: Any) -> float:
+        """Euclidean norm of the whole array, as a Python float."""
+
+
+def highway_adjoint(
+    residual: Any,
+    local: Any,
+    block: Callable[[Any], Any],
+    *,
+    iterations: int,
+    ops: ArrayOps,
+    tol: float | None = None,
+    gamma: float = 0.0,
+    record: bool = False,
+) -> tuple[Any, Diagnostics]:
+    """Return the adjoint estimate ``u^k`` after at most ``iterations`` iterations.
+
+    ``residual`` (``a``), ``local`` (``ℓ``) and what ``block`` returns share one shape
+    ``(T, ...)``. With ``tol`` the loop stops after the first iteration whose relative
+    update ``||u^k - u^{k-1}|| / ||u^k||`` is at most ``tol``. ``record`` fills the
+    returned diagnostics' ``update_norms`` (it costs one norm per iteration).
+    """
+    diagnostics = Diagnostics()
+    a = residual if gamma == 0.0 else residual * (1.0 - gamma)
+    u = ops.reverse_scan(a, local)
+    for _ in range(iterations):
+        v = block(u)
+        if gamma != 0.0:
+            # The part of K moved into J: γ a_t ⊙ u_{t+1}.
+            v = v + ops.shift_next(u) * residual * gamma
+        u_next = ops.reverse_scan(a, local + v)
+        diagnostics.iterations += 1
+        if tol is not None or record:
+            change = ops.norm(u_next - u) / max(ops.norm(u_next), 1e-30)
+            diagnostics.update_norms.append(change)
+            u = u_next
+            if tol is not None and change <= tol:
+                break
+        else:
+            u = u_next
+    return u, diagnostics

@@ -1,0 +1,165 @@
+"""The Highway-BP options every adapter exposes, and their validation.
+
+``iterations``  int >= 0, or ``None`` for the exact (BPTT) gradient.
+``tol``         float > 0 or ``None``: stop once an iteration changes the adjoint estimate
+                by less than ``tol * ||w||`` (relative), capped by ``iterations``.
+``gamma``       float in [0, 1]: the share of the residual moved into the block
+                (design note, section 2). ``gamma = 1`` is fixed-point iteration (FPI).
+``split``       ``"gates"`` or ``"step"`` (LSTM only): what counts as a block. ``"step"``
+                is the paper's split (the whole step but the cell-state residual);
+                ``"gates"`` counts only the ``h_{t-1} -> gates`` crossing and feeds the
+                ``c_t -> h_t`` readout into the cell-state scan within the iteration.
+``diagnostics`` ``False``, ``True`` (iterations used and per-iteration update norms) or
+                ``"debug"`` (also the cosine of the estimate to the exact gradient).
+
+The options are plain attributes of the layers (``layer.iterations = 5``); the
+``HighwayOptionsMixin`` descriptors validate every assignment, so a bad value fails where
+it is set, with the argument's name and value in the message.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = [
+    "HighwayOptions",
+    "HighwayOptionsMixin",
+    "Diagnostics",
+    "check_iterations",
+    "check_tol",
+    "check_gamma",
+    "check_split",
+    "check_diagnostics",
+    "effective_iterations",
+]
+
+SPLITS = ("gates", "step")
+DIAGNOSTICS = (False, True, "debug")
+
+
+def check_iterations(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"iterations must be an int >= 0 or None (exact), got {value!r} of type {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"iterations must be >= 0 or None (exact), got iterations={value}")
+    return int(value)
+
+
+def check_tol(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"tol must be a float > 0 or None, got {value!r} of type {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"tol must be a finite float > 0 or None, got tol={value}")
+    return float(value)
+
+
+def check_gamma(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"gamma must be a float in [0, 1], got {value!r} of type {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got gamma={value}")
+    return float(value)
+
+
+def check_split(value: Any) -> str:
+    if value not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got split={value!r}")
+    return value
+
+
+def check_diagnostics(value: Any) -> bool | str:
+    if not any(value is d or (isinstance(d, str) and value == d) for d in DIAGNOSTICS):
+        raise ValueError(f"diagnostics must be one of {DIAGNOSTICS}, got diagnostics={value!r}")
+    return value
+
+
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "iterations": check_iterations,
+    "tol": check_tol,
+    "gamma": check_gamma,
+    "split": check_split,
+    "diagnostics": check_diagnostics,
+}
+
+
+@dataclass(frozen=True)
+class HighwayOptions:
+    """A validated snapshot of the options, taken at each forward pass."""
+
+    iterations: int | None = 3
+    tol: float | None = None
+    gamma: float = 0.0
+    split: str = "gates"
+    diagnostics: bool | str = False
+
+    def __post_init__(self) -> None:
+        for name, check in _CHECKS.items():
+            object.__setattr__(self, name, check(getattr(self, name)))
+
+    @property
+    def exact(self) -> bool:
+        return self.iterations is None and self.tol is None
+
+
+def effective_iterations(options: HighwayOptions, steps: int) -> int:
+    """The iteration cap: ``iterations`` (``steps`` when only ``tol`` is set), never more
+    than ``steps``, since ``steps`` iterations already give the exact gradient."""
+    cap = steps if options.iterations is None else options.iterations
+    return max(0, min(cap, steps))
+
+
+class _ValidatedOption:
+    """Data descriptor: stores the checked value in the instance's ``__dict__``."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.slot = "_highway_" + name
+        self.check = _CHECKS[name]
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj.__dict__.get(self.slot, getattr(HighwayOptions, self.name))
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = self.check(value)
+
+
+class HighwayOptionsMixin:
+    """Gives a layer the five options as validated attributes."""
+
+    iterations = _ValidatedOption("iterations")
+    tol = _ValidatedOption("tol")
+    gamma = _ValidatedOption("gamma")
+    split = _ValidatedOption("split")
+    diagnostics = _ValidatedOption("diagnostics")
+
+    def _set_highway_options(self, **values: Any) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    @property
+    def highway_options(self) -> HighwayOptions:
+        return HighwayOptions(**{name: getattr(self, name) for name in _CHECKS})
+
+
+@dataclass
+class Diagnostics:
+    """What one Highway-BP backward did, for one layer and direction.
+
+    ``iterations``    iterations run (after an early stop by ``tol``, fewer than the cap).
+    ``update_norms``  ``||w^k - w^{k-1}|| / ||w^k||`` for each iteration ``k = 1, 2, ...``.
+    ``cosine``        (``diagnostics="debug"``) cosine of the adjoint estimate ``w`` to the
+                      exact adjoint, over all steps.
+    """
+
+    iterations: int = 0
+    update_norms: list[float] = field(default_factory=list)
+    cosine: float | None = None
