@@ -1,0 +1,111 @@
+"""GRU layer backward: the analytic block VJP and the exact sequential adjoint.
+
+One layer, one direction, time-major. PyTorch's GRU (gate order r, z, n):
+
+    r_t = σ(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)
+    z_t = σ(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)
+    n_t = tanh(W_in x_t + b_in + r_t ⊙ (W_hn h_{t-1} + b_hn))
+    h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1}
+
+Residual ``K_t = diag(z_t)``; the block is everything through ``r``, ``z`` and ``n``.
+For a cotangent ``λ_t`` on ``h_t``:
+
+    dn = λ(1-z),  dz = λ(h_{t-1} - n),  dn_pre = dn(1-n²)
+    dgi = [dr_pre, dz_pre, dn_pre],  dgh = [dr_pre, dz_pre, dn_pre ⊙ r]
+    with dr_pre = dn_pre ⊙ (W_hn h_{t-1} + b_hn) ⊙ r(1-r),  dz_pre = dz ⊙ z(1-z)
+    to h_{t-1}: dgh W_hh  (block)  +  λ ⊙ z  (residual)
+
+The adjoint ``w_t`` (total gradient on ``h_t``) solves ``w_t = ℓ_t + w_{t+1} (J + K)_{t+1}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint
+
+__all__ = ["GRUWeights", "GRUTape"]
+
+
+@dataclass
+class GRUWeights:
+    w_ih: torch.Tensor  # (3H, I)
+    w_hh: torch.Tensor  # (3H, H)
+    b_ih: torch.Tensor | None
+    b_hh: torch.Tensor | None
+
+    @classmethod
+    def from_flat(cls, flat: list[torch.Tensor], has_bias: bool, has_proj: bool = False) -> "GRUWeights":
+        return cls(flat[0], flat[1], flat[2] if has_bias else None, flat[3] if has_bias else None)
+
+
+class GRUTape:
+    """What the backward of one GRU layer needs, rebuilt from the fused forward's outputs."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, w: GRUWeights):
+        T, B = x.shape[:2]
+        self.x, self.w = x, w
+        self.h_prev = torch.cat([h0.unsqueeze(0), y[:-1]])
+        gi = torch.matmul(x.reshape(T * B, -1), w.w_ih.t()).view(T, B, -1)
+        gh = torch.matmul(self.h_prev.reshape(T * B, -1), w.w_hh.t()).view(T, B, -1)
+        if w.b_ih is not None:
+            gi += w.b_ih
+            gh += w.b_hh
+        H = gi.shape[-1] // 3
+        rz = torch.sigmoid(gi[..., : 2 * H] + gh[..., : 2 * H])
+        self.r, self.z = rz[..., :H], rz[..., H:]
+        self.gh_n = gh[..., 2 * H :]  # W_hn h_{t-1} + b_hn
+        self.n = torch.tanh(gi[..., 2 * H :] + self.r * self.gh_n)
+        self.z_next = TORCH_OPS.shift_next(self.z)  # a_t = z_{t+1}
+
+    def gate_grads(self, lam: torch.Tensor, t: int | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dgi, dgh)``: gradients on the input and hidden pre-activations of steps ``t``
+        for the cotangent ``lam`` on their outputs, (..., 3H) each."""
+        r, z, n, h_prev = self.r[t], self.z[t], self.n[t], self.h_prev[t]
+        dn_pre = lam * (1 - z) * (1 - n * n)
+        dz_pre = lam * (h_prev - n) * z * (1 - z)
+        dr_pre = dn_pre * self.gh_n[t] * r * (1 - r)
+        return torch.cat([dr_pre, dz_pre, dn_pre], -1), torch.cat([dr_pre, dz_pre, dn_pre * r], -1)
+
+    def block(self, lam: torch.Tensor) -> torch.Tensor:
+        """The block part of every step's VJP, aligned for the engine: ``v_t = λ_{t+1} J_{t+1}``."""
+        return TORCH_OPS.shift_next(torch.matmul(self.gate_grads(lam)[1], self.w.w_hh))
+
+    def highway(self, lh: torch.Tensor, options: HighwayOptions) -> tuple[torch.Tensor, Diagnostics]:
+        k = effective_iterations(options, lh.shape[0])
+        w, diag = highway_adjoint(
+            self.z_next, lh, self.block,
+            iterations=k, ops=TORCH_OPS, tol=options.tol, gamma=options.gamma, record=bool(options.diagnostics),
+        )
+        if options.diagnostics == "debug":
+            ref = self.exact_adjoint(lh)
+            diag.cosine = float(torch.nn.functional.cosine_similarity(w.flatten().double(), ref.flatten().double(), dim=0))
+        return w, diag
+
+    def exact_adjoint(self, lh: torch.Tensor) -> torch.Tensor:
+        """The exact adjoint by the sequential recurrence (BPTT's order)."""
+        T = lh.shape[0]
+        ws: list[torch.Tensor] = [None] * T  # type: ignore[list-item]
+        w_next = None
+        for t in range(T - 1, -1, -1):
+            w = lh[t]
+            if w_next is not None:
+                _, dgh = self.gate_grads(w_next, t + 1)
+                w = w + torch.matmul(dgh, self.w.w_hh) + w_next * self.z[t + 1]
+            ws[t] = w_next = w
+        return torch.stack(ws)
+
+    def input_grads(self, w: torch.Tensor, needs: dict[str, bool]) -> dict[str, torch.Tensor | None]:
+        T, B = w.shape[:2]
+        dgi, dgh = self.gate_grads(w)
+        out: dict[str, torch.Tensor | None] = {}
+        out["x"] = torch.matmul(dgi, self.w.w_ih) if needs["x"] else None
+        out["h0"] = torch.matmul(dgh[0], self.w.w_hh) + w[0] * self.z[0] if needs["h0"] else None
+        out["w_ih"] = dgi.reshape(T * B, -1).t().mm(self.x.reshape(T * B, -1)) if needs["w_ih"] else None
+        out["w_hh"] = dgh.reshape(T * B, -1).t().mm(self.h_prev.reshape(T * B, -1)) if needs["w_hh"] else None
+        out["b_ih"] = dgi.sum((0, 1)) if needs["b_ih"] else None
+        out["b_hh"] = dgh.sum((0, 1)) if needs["b_hh"] else None
+        out["w_hr"] = None
+        return out

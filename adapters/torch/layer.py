@@ -1,0 +1,177 @@
+"""One recurrent layer, one direction: the fused forward and its Highway-BP backward.
+
+Each ``torch.autograd.Function`` here runs the framework's fused kernel (cuDNN, oneDNN,
+ATen) for the forward with no autograd graph, and in the backward rebuilds the gates
+from the saved hidden states (``LSTMTape``/``GRUTape``), runs the Highway-BP iteration
+and returns every gradient from one batched VJP. No step is replayed in the backward.
+
+Sequences of unequal length are right-padded: the fused forward on the padded batch
+computes the same states for every ``t < length``; the adjoint at padded steps is zero
+because nothing downstream reads them (the final state is taken at ``length - 1``), so
+they contribute nothing to any gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import _VF
+from torch.autograd.function import once_differentiable
+
+from hwbptt import HighwayOptions
+
+from .gru_math import GRUTape, GRUWeights
+from .lstm_math import LSTMTape, LSTMWeights, lstm_cell_states
+
+__all__ = ["lstm_layer", "gru_layer", "at_lengths", "reverse_within", "WEIGHT_NAMES"]
+
+WEIGHT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+
+
+def at_lengths(seq: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """``seq[length_b - 1, b]`` for every batch row ``b`` (the last valid step)."""
+    if lengths is None:
+        return seq[-1]
+    return seq[lengths - 1, torch.arange(seq.shape[1], device=seq.device)]
+
+
+def _reversal_index(T: int, lengths: torch.Tensor) -> torch.Tensor:
+    t = torch.arange(T, device=lengths.device).unsqueeze(1)
+    return torch.where(t < lengths, lengths - 1 - t, t)  # (T, B)
+
+
+def reverse_within(seq: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Reverse time within each sequence's own length; padded steps stay in place."""
+    if lengths is None:
+        return seq.flip(0)
+    index = _reversal_index(seq.shape[0], lengths)
+    return seq.gather(0, index.view(*index.shape, *([1] * (seq.dim() - 2))).expand_as(seq))
+
+
+def _needs(ctx: Any, first: int, flat_names: tuple[str, ...], input_names: tuple[str, ...]) -> dict[str, bool]:
+    needs = dict(zip(input_names, ctx.needs_input_grad[: len(input_names)]))
+    needs.update({name: False for name in WEIGHT_NAMES})
+    needs.update(zip(flat_names, ctx.needs_input_grad[first:]))
+    return needs
+
+
+def _flat_names(has_bias: bool, has_proj: bool) -> tuple[str, ...]:
+    return ("w_ih", "w_hh") + (("b_ih", "b_hh") if has_bias else ()) + (("w_hr",) if has_proj else ())
+
+
+def _last_step_gradient(like: torch.Tensor, grad_last: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """ℓ for a state read only at the last valid step: zeros with ``grad_last`` placed there."""
+    local = torch.zeros_like(like)
+    if lengths is None:
+        local[-1] = grad_last
+    else:
+        local[lengths - 1, torch.arange(like.shape[1], device=like.device)] = grad_last
+    return local
+
+
+class _LSTMHighway(torch.autograd.Function):
+    """Inputs ``x (T,B,I), h0 (B,P), c0 (B,H)``; outputs ``y (T,B,P)`` and ``c`` at the
+    last valid step ``(B,H)``."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, lengths, options, sink, key, has_bias, has_proj, *flat):
+        with torch.no_grad():
+            y, _, c_n = _VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), list(flat), has_bias, 1, 0.0, False, False, False)
+            tape = None
+            if lengths is None:
+                c_last = c_n[0]
+            else:
+                # The fused kernel's c_n is after the padding; the tape has every c_t.
+                tape = LSTMTape(x, y, h0, c0, LSTMWeights.from_flat(list(flat), has_bias, has_proj))
+                c_last = at_lengths(tape.c, lengths)
+        ctx.tape, ctx.lengths, ctx.options, ctx.sink, ctx.key = tape, lengths, options, sink, key
+        ctx.layout = (has_bias, has_proj)
+        ctx.save_for_backward(x, y, h0, c0, *flat)
+        return y, c_last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_c_last):
+        x, y, h0, c0, *flat = ctx.saved_tensors
+        has_bias, has_proj = ctx.layout
+        tape = ctx.tape or LSTMTape(x, y, h0, c0, LSTMWeights.from_flat(flat, has_bias, has_proj))
+        ctx.tape = None
+        lc = _last_step_gradient(tape.c, grad_c_last, ctx.lengths)
+        dc, wh, diagnostics = tape.highway(grad_y, lc, ctx.options)
+        if ctx.sink is not None:
+            ctx.sink[ctx.key] = diagnostics
+        names = _flat_names(has_bias, has_proj)
+        grads = tape.input_grads(dc, wh, _needs(ctx, 9, names, ("x", "h0", "c0")))
+        return (grads["x"], grads["h0"], grads["c0"], None, None, None, None, None, None,
+                *(grads[n] for n in names))
+
+
+class _GRUHighway(torch.autograd.Function):
+    """Inputs ``x (T,B,I), h0 (B,H)``; output ``y (T,B,H)``."""
+
+    @staticmethod
+    def forward(ctx, x, h0, lengths, options, sink, key, has_bias, *flat):
+        with torch.no_grad():
+            y, _ = _VF.gru(x, h0.unsqueeze(0), list(flat), has_bias, 1, 0.0, False, False, False)
+        ctx.options, ctx.sink, ctx.key, ctx.has_bias = options, sink, key, has_bias
+        ctx.save_for_backward(x, y, h0, *flat)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, y, h0, *flat = ctx.saved_tensors
+        tape = GRUTape(x, y, h0, GRUWeights.from_flat(flat, ctx.has_bias))
+        w, diagnostics = tape.highway(grad_y, ctx.options)
+        if ctx.sink is not None:
+            ctx.sink[ctx.key] = diagnostics
+        names = _flat_names(ctx.has_bias, False)
+        grads = tape.input_grads(w, _needs(ctx, 7, names, ("x", "h0")))
+        return (grads["x"], grads["h0"], None, None, None, None, None, *(grads[n] for n in names))
+
+
+def lstm_layer(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    flat: list[torch.Tensor],
+    has_bias: bool,
+    lengths: torch.Tensor | None,
+    options: HighwayOptions | None,
+    sink: dict | None = None,
+    key: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM layer and direction: ``(y, h_last, c_last)``.
+
+    ``options=None`` is the exact gradient by autograd through the fused kernel (and,
+    for unequal lengths, through the differentiable rebuild of the cell states).
+    """
+    has_proj = len(flat) == (5 if has_bias else 3)
+    if options is None:
+        y, _, c_n = _VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), flat, has_bias, 1, 0.0, False, False, False)
+        if lengths is None:
+            c_last = c_n[0]
+        else:
+            c_last = at_lengths(lstm_cell_states(x, y, h0, c0, LSTMWeights.from_flat(flat, has_bias, has_proj)), lengths)
+    else:
+        y, c_last = _LSTMHighway.apply(x, h0, c0, lengths, options, sink, key, has_bias, has_proj, *flat)
+    return y, at_lengths(y, lengths), c_last
+
+
+def gru_layer(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    flat: list[torch.Tensor],
+    has_bias: bool,
+    lengths: torch.Tensor | None,
+    options: HighwayOptions | None,
+    sink: dict | None = None,
+    key: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One GRU layer and direction: ``(y, h_last)``; ``options=None`` as for ``lstm_layer``."""
+    if options is None:
+        y, _ = _VF.gru(x, h0.unsqueeze(0), flat, has_bias, 1, 0.0, False, False, False)
+    else:
+        y = _GRUHighway.apply(x, h0, lengths, options, sink, key, has_bias, *flat)
+    return y, at_lengths(y, lengths)

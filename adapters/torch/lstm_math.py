@@ -1,0 +1,210 @@
+"""LSTM layer backward: the analytic block VJP and the exact sequential adjoint.
+
+One layer, one direction, time-major. PyTorch's LSTM (gate order i, f, g, o):
+
+    [i, f, g, o]_t = [σ, σ, tanh, σ](W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
+    c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t
+    m_t = o_t ⊙ tanh(c_t),        h_t = m_t  (or W_hr m_t with proj_size)
+
+``LSTMTape`` rebuilds every gate and cell state from the fused kernel's outputs ``h_t``
+with one matmul over all ``T·B`` rows and one forward linear scan (design note,
+section 4): no step-by-step replay. The adjoint is carried as the pair
+``(dc_t, wh_t)``: ``wh_t`` is the total gradient on ``h_t`` and ``dc_t`` the total
+gradient on ``c_t`` including the readout ``c_t -> h_t`` of the same step:
+
+    wh_t = ℓh_t + dpre_{t+1} W_hh
+    dc_t = ℓc_t + R_t(wh_t) + f_{t+1} ⊙ dc_{t+1},     R_t(λ) = (λ W_hr) ⊙ o_t ⊙ (1 - tanh² c_t)
+    dpre_t = [dc⊙g⊙i(1-i), dc⊙c_{t-1}⊙f(1-f), dc⊙i⊙(1-g²), (wh W_hr)⊙tanh(c)⊙o(1-o)]_t
+
+Two ways to split a step into residual ``K`` and block ``J`` (``split`` option):
+
+- ``"gates"``: the scan variable is ``dc``; only ``h_{t-1} -> gates`` is a block. Each
+  iteration forms the new ``wh`` first and feeds its readout into the cell-state scan.
+- ``"step"`` (the paper's): the scan variable is the state adjoint ``(w^c, w^h)`` with
+  ``dc = w^c + R(w^h)``; the whole step but ``c_{t-1} -> c_t`` (``diag f_t``) is a block.
+
+Both are exact after ``T`` iterations and exact on the last ``k+1`` steps after ``k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint, linear_scan
+
+__all__ = ["LSTMWeights", "LSTMTape", "lstm_cell_states"]
+
+
+@dataclass
+class LSTMWeights:
+    w_ih: torch.Tensor  # (4H, I)
+    w_hh: torch.Tensor  # (4H, P)
+    b_ih: torch.Tensor | None  # (4H,)
+    b_hh: torch.Tensor | None
+    w_hr: torch.Tensor | None  # (P, H) with proj_size, else None
+
+    @classmethod
+    def from_flat(cls, flat: list[torch.Tensor], has_bias: bool, has_proj: bool) -> "LSTMWeights":
+        it = iter(flat)
+        w_ih, w_hh = next(it), next(it)
+        b_ih, b_hh = (next(it), next(it)) if has_bias else (None, None)
+        w_hr = next(it) if has_proj else None
+        return cls(w_ih, w_hh, b_ih, b_hh, w_hr)
+
+
+def _gate_preactivations(x: torch.Tensor, h_prev: torch.Tensor, w: LSTMWeights) -> torch.Tensor:
+    """``W_ih x_t + b_ih + W_hh h_{t-1} + b_hh`` for every step at once: (T, B, 4H)."""
+    T, B = x.shape[:2]
+    pre = torch.matmul(x.reshape(T * B, -1), w.w_ih.t())
+    pre = pre.addmm_(h_prev.reshape(T * B, -1), w.w_hh.t())
+    if w.b_ih is not None:
+        pre += w.b_ih + w.b_hh
+    return pre.view(T, B, -1)
+
+
+def lstm_cell_states(x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w: LSTMWeights) -> torch.Tensor:
+    """All cell states ``c_t`` (T, B, H) from the hidden states ``y`` (T, B, P).
+
+    Differentiable: used with autograd for the exact mode of packed sequences, where the
+    final cell state sits at ``length - 1`` and the fused kernel only returns ``c_T``.
+    """
+    h_prev = torch.cat([h0.unsqueeze(0), y[:-1]])
+    i, f, g, _ = _gate_preactivations(x, h_prev, w).chunk(4, dim=-1)
+    i, f, g = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g)
+    b = i * g
+    b = torch.cat([(b[0] + f[0] * c0).unsqueeze(0), b[1:]])
+    return linear_scan(f, b)
+
+
+class LSTMTape:
+    """What the backward of one layer needs, rebuilt from the fused forward's outputs."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w: LSTMWeights):
+        self.x, self.w, self.c0 = x, w, c0
+        self.h_prev = torch.cat([h0.unsqueeze(0), y[:-1]])
+        pre = _gate_preactivations(x, self.h_prev, w)
+        H = pre.shape[-1] // 4
+        gates = torch.sigmoid(pre)
+        gates[..., 2 * H : 3 * H] = torch.tanh(pre[..., 2 * H : 3 * H])
+        self.gates = gates
+        self.i, self.f, self.g, self.o = gates.split(H, dim=-1)
+        b = self.i * self.g
+        b[0].addcmul_(self.f[0], c0)
+        self.c = linear_scan(self.f, b)
+        self.c_prev = torch.cat([c0.unsqueeze(0), self.c[:-1]])
+        self.tanh_c = torch.tanh(self.c)
+        # ∂h/∂c through the readout, without the projection: o ⊙ (1 - tanh² c)
+        self.readout_gain = self.o * (1 - self.tanh_c * self.tanh_c)
+        self.f_next = TORCH_OPS.shift_next(self.f)  # a_t = f_{t+1}
+
+    # -- pieces of the block VJP -------------------------------------------------------
+    def to_m(self, wh: torch.Tensor) -> torch.Tensor:
+        """Gradient on ``m_t = o ⊙ tanh c`` from the gradient on ``h_t``."""
+        return wh if self.w.w_hr is None else torch.matmul(wh, self.w.w_hr)
+
+    def readout(self, wh: torch.Tensor) -> torch.Tensor:
+        """``R_t(wh_t)``: the gradient that ``h_t`` sends to ``c_t``."""
+        return self.to_m(wh) * self.readout_gain
+
+    def dpre(self, dc: torch.Tensor, wh: torch.Tensor) -> torch.Tensor:
+        """Gradient on the gate pre-activations, (T, B, 4H)."""
+        i, f, g, o = self.i, self.f, self.g, self.o
+        return torch.cat(
+            [
+                dc * g * i * (1 - i),
+                dc * self.c_prev * f * (1 - f),
+                dc * i * (1 - g * g),
+                self.to_m(wh) * self.tanh_c * o * (1 - o),
+            ],
+            dim=-1,
+        )
+
+    def to_hidden(self, dpre: torch.Tensor) -> torch.Tensor:
+        """``dpre_t W_hh``: the block's gradient on ``h_{t-1}``, (T, B, P)."""
+        return torch.matmul(dpre, self.w.w_hh)
+
+    # -- the adjoint -------------------------------------------------------------------
+    def highway(self, lh: torch.Tensor, lc: torch.Tensor, options: HighwayOptions) -> tuple[torch.Tensor, torch.Tensor, Diagnostics]:
+        """Highway-BP estimate of ``(dc, wh)`` from the local gradients ``ℓh``, ``ℓc``."""
+        k = effective_iterations(options, lh.shape[0])
+        record = bool(options.diagnostics)
+        if options.split == "gates":
+            wh_box = [lh]
+
+            def block(dc: torch.Tensor) -> torch.Tensor:
+                q = TORCH_OPS.shift_next(self.to_hidden(self.dpre(dc, wh_box[0])))
+                wh_box[0] = lh + q
+                return self.readout(q)
+
+            dc, diag = highway_adjoint(
+                self.f_next, lc + self.readout(lh), block,
+                iterations=k, ops=TORCH_OPS, tol=options.tol, gamma=options.gamma, record=record,
+            )
+            wh = wh_box[0]
+        else:
+            H = lc.shape[-1]
+            residual = torch.cat([self.f_next, torch.zeros_like(lh)], dim=-1)
+
+            def block(u: torch.Tensor) -> torch.Tensor:
+                wc, wh = u[..., :H], u[..., H:]
+                r = self.readout(wh)
+                to_c = r * self.f  # (dc - λc) ⊙ f_t: the readout part of c_{t-1}'s gradient
+                to_h = self.to_hidden(self.dpre(wc + r, wh))
+                return TORCH_OPS.shift_next(torch.cat([to_c, to_h], dim=-1))
+
+            u, diag = highway_adjoint(
+                residual, torch.cat([lc, lh], dim=-1), block,
+                iterations=k, ops=TORCH_OPS, tol=options.tol, gamma=options.gamma, record=record,
+            )
+            wh = u[..., H:]
+            dc = u[..., :H] + self.readout(wh)
+        if options.diagnostics == "debug":
+            dc_x, wh_x = self.exact_adjoint(lh, lc)
+            est, ref = torch.cat([dc, wh], -1).flatten(), torch.cat([dc_x, wh_x], -1).flatten()
+            diag.cosine = float(torch.nn.functional.cosine_similarity(est.double(), ref.double(), dim=0))
+        return dc, wh, diag
+
+    def exact_adjoint(self, lh: torch.Tensor, lc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact ``(dc, wh)`` by the sequential adjoint recurrence (BPTT's order)."""
+        T = lh.shape[0]
+        dcs: list[torch.Tensor] = [None] * T  # type: ignore[list-item]
+        whs: list[torch.Tensor] = [None] * T  # type: ignore[list-item]
+        dc_next = dpre_next = None
+        for t in range(T - 1, -1, -1):
+            wh = lh[t] if dpre_next is None else lh[t] + torch.matmul(dpre_next, self.w.w_hh)
+            m = wh if self.w.w_hr is None else torch.matmul(wh, self.w.w_hr)
+            dc = lc[t] + m * self.readout_gain[t]
+            if dc_next is not None:
+                dc = dc + self.f[t + 1] * dc_next
+            i, f, g, o = self.i[t], self.f[t], self.g[t], self.o[t]
+            dpre_next = torch.cat(
+                [dc * g * i * (1 - i), dc * self.c_prev[t] * f * (1 - f), dc * i * (1 - g * g),
+                 m * self.tanh_c[t] * o * (1 - o)], dim=-1,
+            )
+            dc_next, dcs[t], whs[t] = dc, dc, wh
+        return torch.stack(dcs), torch.stack(whs)
+
+    # -- gradients of everything the layer consumed ------------------------------------
+    def input_grads(self, dc: torch.Tensor, wh: torch.Tensor, needs: dict[str, bool]) -> dict[str, torch.Tensor | None]:
+        """One batched VJP over all steps: ``∂L/∂θ = Σ_t w_t ∂f_t/∂θ`` and friends."""
+        T, B = dc.shape[:2]
+        dpre = self.dpre(dc, wh)
+        flat = dpre.reshape(T * B, -1)
+        out: dict[str, torch.Tensor | None] = {}
+        out["x"] = torch.matmul(dpre, self.w.w_ih) if needs["x"] else None
+        out["h0"] = torch.matmul(dpre[0], self.w.w_hh) if needs["h0"] else None
+        out["c0"] = dc[0] * self.f[0] if needs["c0"] else None
+        out["w_ih"] = flat.t().mm(self.x.reshape(T * B, -1)) if needs["w_ih"] else None
+        out["w_hh"] = flat.t().mm(self.h_prev.reshape(T * B, -1)) if needs["w_hh"] else None
+        bias = flat.sum(0) if needs["b_ih"] or needs["b_hh"] else None
+        out["b_ih"] = bias if needs["b_ih"] else None
+        # Separate tensors: a .grad shared by two parameters would alias in-place updates.
+        out["b_hh"] = (bias.clone() if needs["b_ih"] else bias) if needs["b_hh"] else None
+        if needs["w_hr"]:
+            m = self.o * self.tanh_c
+            out["w_hr"] = wh.reshape(T * B, -1).t().mm(m.reshape(T * B, -1))
+        else:
+            out["w_hr"] = None
+        return out

@@ -1,0 +1,206 @@
+"""``HighwayLSTM`` and ``HighwayGRU``: drop-in subclasses of ``nn.LSTM`` and ``nn.GRU``.
+
+Same constructor arguments, forward signature, outputs and ``state_dict`` keys as the
+parents, plus the Highway options (``hwbptt.options``). The forward runs the parent's
+fused kernel one layer and direction at a time; the backward is Highway-BP.
+
+When is which path taken (nothing switches silently: each is the documented behaviour):
+
+- no gradient needed (``torch.no_grad()``, nothing requires grad): the parent's forward
+  on padded input; a ``PackedSequence`` runs at padded speed (below);
+- ``iterations=None`` and no ``tol`` (exact): the parent's own forward and autograd
+  (BPTT through the fused kernel); for a ``PackedSequence``, autograd through the padded
+  fused kernel;
+- otherwise: Highway-BP with the options read at this forward call.
+
+``PackedSequence`` inputs run on the padded batch (the fused kernel on a packed batch
+is 10-100x slower): forward states are the same for ``t < length``, the final state is
+taken at ``length - 1``, and the reverse direction reverses each sequence within its own
+length. Dropout between layers is ``F.dropout``: the same distribution as the parent's,
+not the same random stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from hwbptt import Diagnostics, HighwayOptionsMixin
+
+from .layer import gru_layer, lstm_layer, reverse_within
+
+__all__ = ["HighwayLSTM", "HighwayGRU"]
+
+
+class _HighwayRNNBase(HighwayOptionsMixin):
+    """The layer/direction loop shared by ``HighwayLSTM`` and ``HighwayGRU``.
+
+    The subclass supplies ``_state_sizes()`` (one size per state tensor) and ``_layer``
+    (one layer and direction: ``(x, states, flat_weights, lengths, options, sink, key) ->
+    (y, final_states)``).
+    """
+
+    last_diagnostics: dict[tuple[int, int], Diagnostics]
+
+    def _init_highway(self, iterations: Any, tol: Any, gamma: Any, split: Any, diagnostics: Any) -> None:
+        self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, split=split, diagnostics=diagnostics)
+        self.last_diagnostics = {}
+
+    def extra_repr(self) -> str:
+        o = self.highway_options
+        return super().extra_repr() + f", iterations={o.iterations}, tol={o.tol}, gamma={o.gamma}, split={o.split!r}"
+
+    # -- the parent's behaviour, kept --------------------------------------------------
+    def _needs_grad(self, input: Any, hx: Any) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        tensors = [input.data if isinstance(input, PackedSequence) else input, *self._flat_weights]
+        tensors += list(hx) if isinstance(hx, tuple) else [hx]
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+    def forward(self, input, hx=None):
+        packed = isinstance(input, PackedSequence)
+        options = self.highway_options
+        if not packed and (options.exact or not self._needs_grad(input, hx)):
+            return super().forward(input, hx)
+        self._update_flat_weights()
+        if packed:
+            return self._forward_packed(input, hx, options)
+        return self._forward_padded(input, hx, options)
+
+    def _default_state(self, batch: int, ref: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        D = 2 if self.bidirectional else 1
+        return tuple(ref.new_zeros(self.num_layers * D, batch, size) for size in self._state_sizes())
+
+    def _as_tuple(self, hx: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
+
+    def _from_tuple(self, states: tuple[torch.Tensor, ...]) -> Any:
+        return states if len(states) > 1 else states[0]
+
+    def _forward_padded(self, input: torch.Tensor, hx: Any, options: Any):
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batched = input.dim() == 3
+        if not batched:
+            input = input.unsqueeze(0 if self.batch_first else 1)
+        batch = input.shape[0 if self.batch_first else 1]
+        if hx is None:
+            states = self._default_state(batch, input)
+        else:
+            states = self._as_tuple(hx)
+            want = 3 if batched else 2
+            if any(s.dim() != want for s in states):
+                dims = ", ".join(f"{s.dim()}-D" for s in states)
+                raise RuntimeError(
+                    f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, hx should also be {want}-D but got ({dims}) tensors"
+                )
+            if not batched:
+                states = tuple(s.unsqueeze(1) for s in states)
+        self.check_forward_args(input, self._from_tuple(states), None)
+        x = input.transpose(0, 1) if self.batch_first else input
+        y, finals = self._run_layers(x, states, None, options)
+        if self.batch_first:
+            y = y.transpose(0, 1)
+        if not batched:
+            y = y.squeeze(0 if self.batch_first else 1)
+            finals = tuple(s.squeeze(1) for s in finals)
+        return y, self._from_tuple(finals)
+
+    def _forward_packed(self, input: PackedSequence, hx: Any, options: Any):
+        padded, lengths = pad_packed_sequence(input)  # time-major, original batch order
+        lengths = lengths.to(padded.device)
+        states = self._default_state(padded.shape[1], padded) if hx is None else self._as_tuple(hx)
+        self.check_input(input.data, input.batch_sizes)
+        for s, size in zip(states, self._state_sizes()):
+            self.check_hidden_size(s, (self.num_layers * (2 if self.bidirectional else 1), padded.shape[1], size))
+        y, finals = self._run_layers(padded, states, lengths, options)
+        order = input.sorted_indices
+        if order is not None:
+            y, lengths = y[:, order], lengths[order]
+        data = pack_padded_sequence(y, lengths.cpu(), enforce_sorted=True).data
+        return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), self._from_tuple(finals)
+
+    def _run_layers(self, x: torch.Tensor, states: tuple[torch.Tensor, ...], lengths: torch.Tensor | None, options: Any):
+        """Run every layer and direction; ``options=None``-like exact mode when ``options.exact``."""
+        D = 2 if self.bidirectional else 1
+        per_layer = len(self._flat_weights) // (self.num_layers * D)
+        layer_options = None if options.exact else options
+        sink: dict = {}
+        self.last_diagnostics = sink
+        finals: list[list[torch.Tensor]] = [[] for _ in states]
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(D):
+                idx = layer * D + direction
+                flat = self._flat_weights[idx * per_layer : (idx + 1) * per_layer]
+                inp = layer_input if direction == 0 else reverse_within(layer_input, lengths)
+                y, last = self._layer(inp, tuple(s[idx] for s in states), flat, lengths, layer_options, sink, (layer, direction))
+                outputs.append(y if direction == 0 else reverse_within(y, lengths))
+                for acc, s in zip(finals, last):
+                    acc.append(s)
+            layer_input = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, tuple(torch.stack(acc) for acc in finals)
+
+
+class HighwayLSTM(_HighwayRNNBase, nn.LSTM):
+    r"""``nn.LSTM`` trained with Highway backpropagation.
+
+    Args: every argument of ``nn.LSTM`` (``input_size, hidden_size, num_layers=1,
+    bias=True, batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
+    device=None, dtype=None``), plus, keyword-only:
+
+    - ``iterations`` (int >= 0 or None, default 3): Highway iterations; None is exact BPTT.
+    - ``tol`` (float > 0 or None): stop once the relative update is below ``tol``.
+    - ``gamma`` (float in [0, 1], default 0): residual shift; 1 is FPI.
+    - ``split`` (``"gates"`` default, or ``"step"``): what counts as a block.
+    - ``diagnostics`` (False, True or ``"debug"``): fill ``last_diagnostics`` in backward.
+
+    Inputs, outputs and shapes are ``nn.LSTM``'s: ``input`` (L, N, H_in) (or (N, L, H_in)
+    with ``batch_first``, (L, H_in) unbatched, or a ``PackedSequence``), ``(h_0, c_0)``
+    (D·num_layers, N, H_out) and (D·num_layers, N, H_cell); returns ``output, (h_n, c_n)``.
+
+    ``last_diagnostics`` maps ``(layer, direction)`` to ``hwbptt.Diagnostics`` after a
+    backward pass (with ``diagnostics`` set).
+    """
+
+    def __init__(self, *args, iterations=3, tol=None, gamma=0.0, split="gates", diagnostics=False, **kwargs):
+        nn.LSTM.__init__(self, *args, **kwargs)
+        self._init_highway(iterations, tol, gamma, split, diagnostics)
+
+    def _state_sizes(self) -> tuple[int, int]:
+        return (self.proj_size if self.proj_size > 0 else self.hidden_size, self.hidden_size)
+
+    def _layer(self, x, states, flat, lengths, options, sink, key):
+        y, h_last, c_last = lstm_layer(x, states[0], states[1], flat, self.bias, lengths, options, sink, key)
+        return y, (h_last, c_last)
+
+
+class HighwayGRU(_HighwayRNNBase, nn.GRU):
+    r"""``nn.GRU`` trained with Highway backpropagation.
+
+    Args: every argument of ``nn.GRU`` (``input_size, hidden_size, num_layers=1,
+    bias=True, batch_first=False, dropout=0.0, bidirectional=False, device=None,
+    dtype=None``) plus the keyword-only Highway options of ``HighwayLSTM`` (``split``
+    is accepted for a uniform interface; a GRU has a single way to split).
+
+    Inputs, outputs and shapes are ``nn.GRU``'s: returns ``output, h_n``.
+    """
+
+    def __init__(self, *args, iterations=3, tol=None, gamma=0.0, split="gates", diagnostics=False, **kwargs):
+        nn.GRU.__init__(self, *args, **kwargs)
+        self._init_highway(iterations, tol, gamma, split, diagnostics)
+
+    def _state_sizes(self) -> tuple[int]:
+        return (self.hidden_size,)
+
+    def _layer(self, x, states, flat, lengths, options, sink, key):
+        y, h_last = gru_layer(x, states[0], flat, self.bias, lengths, options, sink, key)
+        return y, (h_last,)
