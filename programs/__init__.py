@@ -1,0 +1,1 @@
+"""The programs: ``demo``, ``bench`` and ``study``, on top of the adapters."""
