@@ -1,0 +1,95 @@
+"""The linear scan against its sequential reference."""
+
+import pytest
+import torch
+
+from hwbptt import linear_scan, linear_scan_reference
+
+
+def _gates(shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(shape, generator=g, dtype=dtype)
+    b = torch.randn(shape, generator=g, dtype=dtype)
+    return a, b
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 8, 9, 31, 64, 257])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_matches_reference(T, reverse):
+    a, b = _gates((T, 3, 4))
+    torch.testing.assert_close(linear_scan(a, b, reverse=reverse), linear_scan_reference(a, b, reverse=reverse), rtol=1e-12, atol=1e-12)
+
+
+def test_recurrence_holds_elementwise():
+    a, b = _gates((50, 2))
+    u = linear_scan(a, b)
+    torch.testing.assert_close(u[0], b[0])
+    torch.testing.assert_close(u[1:], a[1:] * u[:-1] + b[1:])
+    r = linear_scan(a, b, reverse=True)
+    torch.testing.assert_close(r[-1], b[-1])
+    torch.testing.assert_close(r[:-1], a[:-1] * r[1:] + b[:-1])
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_other_dims_and_noncontiguous(dim):
+    a, b = _gates((4, 37, 5))
+    a_t, b_t = a.transpose(0, 2), b.transpose(0, 2)  # non-contiguous views
+    d = dim if dim >= 0 else b_t.dim() + dim
+    got = linear_scan(a_t, b_t, dim=d)
+    ref = linear_scan_reference(a_t.contiguous(), b_t.contiguous(), dim=d)
+    torch.testing.assert_close(got, ref)
+
+
+def test_broadcast_a():
+    a = torch.full((1,), 0.5, dtype=torch.float64)
+    b = torch.ones(10, 2, dtype=torch.float64)
+    u = linear_scan(a, b)
+    expected = torch.tensor([sum(0.5**j for j in range(t + 1)) for t in range(10)], dtype=torch.float64)
+    torch.testing.assert_close(u[:, 0], expected)
+
+
+def test_long_sequence_stable():
+    T = 100_000
+    a, b = _gates((T, 2), dtype=torch.float32, seed=1)
+    u = linear_scan(a, b)
+    assert torch.isfinite(u).all()
+    ref = linear_scan_reference(a.double(), b.double())
+    torch.testing.assert_close(u.double(), ref, rtol=1e-4, atol=1e-4)
+    r = linear_scan(a, b, reverse=True)
+    torch.testing.assert_close(r.double(), linear_scan_reference(a.double(), b.double(), reverse=True), rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_matches_reference():
+    a, b = _gates((13, 3))
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    w = torch.randn(13, 3, dtype=torch.float64)
+    ga = torch.autograd.grad((linear_scan(a, b, reverse=True) * w).sum(), (a, b))
+    gr = torch.autograd.grad((linear_scan_reference(a, b, reverse=True) * w).sum(), (a, b))
+    for x, y in zip(ga, gr):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_accumulates_in_float32(dtype):
+    a, b = _gates((4096, 4), dtype=torch.float32, seed=2)
+    a = 0.999 + 0.001 * a  # long memory: rounding errors would pile up in half precision
+    got = linear_scan(a.to(dtype), b.to(dtype))
+    assert got.dtype == dtype
+    ref = linear_scan_reference(a.to(dtype).double(), b.to(dtype).double())
+    err = ((got.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
+    assert err < 1e-2
+
+
+def test_empty_time_axis():
+    a, b = torch.zeros(0, 3), torch.zeros(0, 3)
+    assert linear_scan(a, b).shape == (0, 3)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="does not broadcast"):
+        linear_scan(torch.ones(3, 2), torch.ones(4, 2))
+    with pytest.raises(ValueError, match="dim=5"):
+        linear_scan(torch.ones(3), torch.ones(3), dim=5)
+    with pytest.raises(TypeError, match="tensors"):
+        linear_scan([1.0], torch.ones(1))
