@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench study env clean
+.PHONY: demo test bench study env sysdeps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,19 @@ $(STAMP): pyproject.toml constraints.txt
 
 env: $(STAMP)
 
+# espeak-ng speaks the keyword-spotting example's offline word set. Installed with
+# apt-get where we are root; elsewhere that example and its test say how to install it.
+sysdeps:
+	@command -v espeak-ng >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; } \
+		|| echo "note: espeak-ng is not installed (apt-get install espeak-ng); the keyword-spotting example will be skipped"
+
 demo: $(STAMP)
 	$(PY) -m hwbptt demo
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(PY) -m pytest -q
+	KERAS_BACKEND=torch $(PY) -m pytest -q tests/keras
 
 bench: $(STAMP)
 	$(PY) -m hwbptt bench --quick
