@@ -44,7 +44,17 @@ class ArrayOps(Protocol):
         """``u_{t+1}`` at step ``t``, zero at the last step (axis 0)."""
 
     def norm(self, x: Any) -> float:
-        """Euclidean norm of the whole array, as a Python float."""
+        """Euclidean norm of the whole array, as a Python float (a scalar array when
+        ``traced``)."""
+
+
+# Optional, for ops whose arrays are symbolic (a traced graph: TensorFlow's
+# ``tf.function``, XLA), where a Python ``if`` cannot read an array's value:
+#   traced: bool                      True: ``norm`` returns a scalar array, and
+#   where(cond, x, y) -> array        elementwise select (scalars broadcast).
+# With ``traced`` and ``tol`` the loop runs to the cap but freezes ``u`` after the
+# first iteration that meets ``tol``: the same estimate as stopping there, computed
+# without a data-dependent branch. Ops without ``traced`` behave as before.
 
 
 def highway_adjoint(
@@ -66,14 +76,19 @@ def highway_adjoint(
     returned diagnostics' ``update_norms`` (it costs one norm per iteration).
     """
     diagnostics = Diagnostics()
+    traced = bool(getattr(ops, "traced", False))
     a = residual if gamma == 0.0 else residual * (1.0 - gamma)
     u = ops.reverse_scan(a, local)
+    stopped = None  # traced with tol: scalar boolean array, true once tol was met
     for _ in range(iterations):
         v = block(u)
         if gamma != 0.0:
             # The part of K moved into J: γ a_t ⊙ u_{t+1}.
             v = v + ops.shift_next(u) * residual * gamma
         u_next = ops.reverse_scan(a, local + v)
+        if traced and (tol is not None or record):
+            u, stopped = _traced_update(ops, u, u_next, tol, stopped, diagnostics)
+            continue
         diagnostics.iterations += 1
         if tol is not None or record:
             change = ops.norm(u_next - u) / max(ops.norm(u_next), 1e-30)
@@ -84,3 +99,24 @@ def highway_adjoint(
         else:
             u = u_next
     return u, diagnostics
+
+
+def _traced_update(ops: Any, u: Any, u_next: Any, tol: float | None, stopped: Any, diagnostics: Diagnostics) -> tuple[Any, Any]:
+    """One iteration's bookkeeping on symbolic arrays (see the ``traced`` note above).
+
+    ``diagnostics.iterations`` and each ``update_norms`` entry become scalar arrays; an
+    iteration after the stop counts 0 and records a change of 0."""
+    norm_next = ops.norm(u_next)
+    change = ops.norm(u_next - u) / ops.where(norm_next > 1e-30, norm_next, 1e-30)
+    if tol is None:
+        diagnostics.iterations += 1
+        diagnostics.update_norms.append(change)
+        return u_next, None
+    if stopped is None:  # the first iteration always runs
+        diagnostics.iterations = diagnostics.iterations + ops.where(change <= tol, 1, 1)
+        diagnostics.update_norms.append(change)
+        return u_next, change <= tol
+    diagnostics.iterations = diagnostics.iterations + ops.where(stopped, 0, 1)
+    diagnostics.update_norms.append(ops.where(stopped, 0.0 * change, change))
+    u = ops.where(stopped, u, u_next)
+    return u, stopped | (change <= tol)

@@ -1,0 +1,145 @@
+"""The custom-gradient op: forward loop in, Highway-BP (or the exact adjoint) out.
+
+``highway_sequence(math, options, x, s0, params, mask)`` returns, for the time-major
+input ``x`` (T, B, D) and initial state ``s0`` (B, S), the state after every step
+(T, B, S), followed on the last axis by the raw outputs ``y_t`` for a user cell. Its
+gradient is not autograd through the loop but, for the upstream ``ℓ`` on that tensor:
+
+1. the residual multipliers ``K_t`` and the block VJP ``λ ↦ λ J_t`` of every step, from
+   one batched recomputation (``math.prepare``) or one autodiff call (user cells);
+   a masked step carries its state: ``K_t = I``, ``J_t = 0``;
+2. the adjoint ``w``: ``hwbptt.engine.highway_adjoint`` with
+   ``a_t = diag K_{t+1}`` and ``block(u)_t = u_{t+1} J_{t+1}`` (``iterations`` capped at
+   ``T``, since ``T`` iterations are exact); or, in exact mode (``iterations=None``,
+   ``tol=None``), the sequential adjoint ``w_{t-1} = ℓ_{t-1} + w_t (J_t + K_t)``;
+3. ``∂L/∂x_t = w_t ∂f_t/∂x_t``, ``∂L/∂θ = Σ_t w_t ∂f_t/∂θ`` in one batched VJP, and
+   ``∂L/∂s_0 = w_0 (J_0 + K_0)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from keras import ops
+
+from hwbptt.engine import highway_adjoint
+from hwbptt.options import Diagnostics, HighwayOptions, effective_iterations
+
+from .backend_ops import KerasArrayOps, is_traced
+from .steps import AnalyticLinearization
+
+__all__ = ["highway_sequence"]
+
+
+def _cosine(a: Any, b: Any) -> Any:
+    return ops.sum(a * b) / ops.maximum(ops.sqrt(ops.sum(a * a) * ops.sum(b * b)), 1e-30)
+
+
+def _linearize(math: Any, params: list, x: Any, s_prev: Any, s: Any) -> Any:
+    if hasattr(math, "linearize"):
+        return math.linearize(params, x, s_prev, s)
+    return AnalyticLinearization(math, params, x, s_prev, s)
+
+
+def _iteration_cap(options: HighwayOptions, steps: int | None) -> int:
+    if steps is not None:
+        return effective_iterations(options, steps)
+    if options.iterations is None:
+        raise ValueError(
+            "HighwayRNN: tol without iterations caps the iterations at the sequence length, which is not "
+            "static here; set iterations as well, or give the Input a fixed length"
+        )
+    return options.iterations
+
+
+def backward(math: Any, options: HighwayOptions, params: list, x: Any, s0: Any, seq: Any, mask: Any,
+             upstream: Any, report: Callable[[Diagnostics], None] | None) -> tuple[Any, Any, list]:
+    """``(∂L/∂x, ∂L/∂s_0, [∂L/∂θ])`` for the upstream gradient of ``seq``."""
+    width = sum(math.state_sizes)
+    s = seq[..., :width]
+    s_prev = ops.concatenate([s0[None], s[:-1]], axis=0)
+    m = None if mask is None else ops.cast(mask, x.dtype)
+    local = upstream[..., :width]
+    gy = upstream[..., width:] if getattr(math, "has_output", False) else None
+    lin = _linearize(math, params, x, s_prev, s)
+    ops_ = KerasArrayOps(traced=is_traced(upstream))
+    if gy is not None and m is not None:
+        # A masked step repeats the last valid output: its cotangent belongs to that step.
+        # acc_t = gy_t + (1 - m_{t+1}) acc_{t+1}, kept at valid steps only.
+        gy = ops_.reverse_scan(ops_.shift_next(1 - m), gy) * m
+    exact = options.iterations is None and options.tol is None
+
+    if exact and hasattr(lin, "exact_grads"):
+        dx, ds0, dparams, _ = lin.exact_grads(local, gy, m)
+        return dx, ds0, dparams
+
+    if gy is not None:  # a separate output feeds s_{t-1} through step t: route it there
+        routed = lin.route(gy)
+        local = local + ops_.shift_next(routed)
+    if exact:
+        u, _ = lin.exact_adjoint(local, m)
+        diag = Diagnostics()
+    else:
+        K = lin.residual()
+        if m is not None:
+            K = m * K + (1 - m)
+        a = ops_.shift_next(K)
+
+        def block(u: Any) -> Any:
+            r = lin.block(u)
+            if m is not None:
+                r = r * m
+            return lin.fold(ops_.shift_next(r))
+
+        u, diag = highway_adjoint(
+            a, lin.fold(local), block,
+            iterations=_iteration_cap(options, x.shape[0]), ops=ops_,
+            tol=options.tol, gamma=options.gamma, record=bool(options.diagnostics),
+        )
+        if options.diagnostics == "debug":
+            exact_u = _exact_for_debug(lin, local, m, block, a, options, x.shape[0], ops_)
+            cos = _cosine(u, exact_u)
+            diag.cosine = cos if ops_.traced else float(cos)
+    lam = u if m is None else u * m
+    dx, dparams, dprev0 = lin.grads(lam, gy)
+    ds0 = dprev0 if m is None else dprev0 + (1 - m[0]) * u[0]
+    if gy is not None:
+        ds0 = ds0 + routed[0]
+    if report is not None and options.diagnostics and not ops_.traced:
+        report(diag)
+    return dx, ds0, dparams
+
+
+def _exact_for_debug(lin: Any, local: Any, m: Any, block: Callable, a: Any, options: HighwayOptions,
+                     steps: int | None, ops_: KerasArrayOps) -> Any:
+    if hasattr(lin, "exact_adjoint"):
+        return lin.exact_adjoint(local, m)[0]
+    if steps is None:
+        raise ValueError("HighwayRNN: diagnostics='debug' on a user cell needs a static sequence length")
+    return highway_adjoint(a, lin.fold(local), block, iterations=steps, ops=ops_)[0]
+
+
+def highway_sequence(math: Any, options: HighwayOptions, x: Any, s0: Any, params: list, mask: Any = None,
+                     report: Callable[[Diagnostics], None] | None = None) -> Any:
+    """The states after every step (and a user cell's raw outputs), with the Highway-BP
+    gradient attached. ``mask``: boolean ``(T, B, 1)`` or ``None``."""
+
+    @ops.custom_gradient
+    def op(x, s0, *params):
+        params = list(params)
+        sizes = math.state_sizes
+        parts, start = [], 0
+        for n in sizes:
+            parts.append(s0[:, start : start + n])
+            start += n
+        seq = math.forward(params, x, parts, mask)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            dx, ds0, dparams = backward(math, options, params, x, s0, seq, mask, upstream, report)
+            return (dx, ds0, *dparams)
+
+        return seq, grad
+
+    return op(x, s0, *params)

@@ -1,0 +1,249 @@
+"""``HighwayRNN``: a Keras layer that trains a recurrent layer with Highway-BP.
+
+It wraps ``keras.layers.LSTM``, ``GRU`` (both ``reset_after``), ``SimpleRNN`` or
+``keras.layers.RNN(cell)`` and uses that layer's own variables. The forward pass gives
+the wrapped layer's outputs for the same call (``mask``, ``initial_state``,
+``training``, ``return_sequences``, ``return_state``, ``go_backwards``); the backward
+pass is Highway-BP (``hwbptt.engine``) with analytic block VJPs for the built-in cells
+and the backend's autodiff for user cells, or the exact adjoint with
+``iterations=None``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from hwbptt.options import HighwayOptionsMixin
+
+from .gradient import highway_sequence
+from .gru import GRUMath
+from .lstm import LSTMMath
+from .simple_rnn import SimpleRNNMath
+from .user_cell import UserCellMath, check_residual
+
+__all__ = ["HighwayRNN"]
+
+_ANALYTIC = (
+    (keras.layers.LSTMCell, LSTMMath),
+    (keras.layers.GRUCell, GRUMath),
+    (keras.layers.SimpleRNNCell, SimpleRNNMath),
+)
+
+
+def _analytic_math(cell: Any) -> Any:
+    for cls, math in _ANALYTIC:
+        if type(cell) is cls:
+            return math
+    return None
+
+
+@keras.saving.register_keras_serializable(package="hwbptt")
+class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
+    """Highway-BP for a Keras recurrent layer.
+
+    ``HighwayRNN(layer, iterations=3, tol=None, gamma=0.0, split="gates",
+    diagnostics=False, residual=None)``
+
+    - ``layer``: a ``keras.layers.LSTM``, ``GRU``, ``SimpleRNN`` or
+      ``keras.layers.RNN(cell)``; anything else is a ``TypeError``.
+    - ``iterations``: int >= 0, or ``None`` for the exact gradient (computed by this
+      layer's own sequential adjoint, not by autograd through the loop). Capped at the
+      sequence length ``T``: ``T`` iterations are exact.
+    - ``tol``: stop once an iteration changes the adjoint by less than ``tol ||w||``
+      (relative), capped by ``iterations`` (by ``T`` when ``iterations`` is ``None``).
+    - ``gamma`` in [0, 1]: moves ``γ K`` from the residual into the block; ``1`` is FPI.
+    - ``split``: ``"gates"`` or ``"step"``, for LSTMs (``hwbptt.options``).
+    - ``diagnostics``: ``False``, ``True`` or ``"debug"``; after a backward pass in
+      eager execution, ``last_diagnostics`` holds a ``hwbptt.Diagnostics``.
+    - ``residual`` (user cells only): ``"identity"``, ``None``/``"none"`` (FPI) or a
+      callable ``(x_t, states_prev, states_new) -> multipliers`` giving ``diag K_t``.
+
+    The options are validated attributes: ``layer.iterations = 10`` takes effect at the
+    next call (in a compiled ``model.fit``, at the next trace).
+    """
+
+    def __init__(self, layer: Any, iterations: int | None = 3, tol: float | None = None, gamma: float = 0.0,
+                 split: str = "gates", diagnostics: bool | str = False, residual: Any = None, **kwargs: Any):
+        if not isinstance(layer, keras.layers.RNN):
+            raise TypeError(
+                "HighwayRNN wraps a Keras recurrent layer (keras.layers.LSTM, GRU, SimpleRNN or "
+                f"keras.layers.RNN(cell)), got {type(layer).__name__}"
+            )
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        super().__init__(**kwargs)
+        self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, split=split, diagnostics=diagnostics)
+        self.residual = check_residual(residual)
+        if residual is not None and _analytic_math(layer.cell) is not None:
+            raise ValueError(
+                f"residual is for user cells; {type(layer).__name__} has its own residual path, got residual={residual!r}"
+            )
+        self.layer = layer
+        self.supports_masking = True
+        object.__setattr__(self, "last_diagnostics", None)
+        self._check_supported()
+
+    # ------------------------------------------------------------ checks
+    def _check_supported(self) -> None:
+        inner, cell = self.layer, self.layer.cell
+        name = type(inner).__name__
+        if inner.stateful:
+            raise ValueError(f"HighwayRNN does not support stateful=True ({name}); carry the state with initial_state and return_state")
+        if getattr(cell, "recurrent_dropout", 0) and cell.recurrent_dropout > 0:
+            raise ValueError(
+                f"HighwayRNN does not support recurrent_dropout={cell.recurrent_dropout} ({name}): it changes the "
+                "recurrence at every step; use dropout on the inputs instead"
+            )
+        if isinstance(cell, keras.layers.StackedRNNCells):
+            raise ValueError("HighwayRNN does not support StackedRNNCells; wrap one recurrent layer per HighwayRNN")
+        if isinstance(inner, keras.layers.ConvLSTM1D.__mro__[1]):  # the ConvLSTM base class
+            raise ValueError(f"HighwayRNN does not support {name}")
+        math = _analytic_math(cell)
+        if math is not None:
+            math(cell)  # refuses unknown activations
+            if getattr(cell, "implementation", 2) not in (1, 2):
+                raise ValueError(f"HighwayRNN: unknown implementation={cell.implementation} ({name})")
+        else:
+            sizes = cell.state_size if isinstance(cell.state_size, (list, tuple)) else [cell.state_size]
+            if not all(isinstance(n, int) for n in sizes):
+                raise ValueError(f"HighwayRNN: user cells need integer state sizes, got state_size={cell.state_size!r}")
+            if getattr(cell, "dropout", 0):
+                raise ValueError(f"HighwayRNN does not support dropout inside a user cell ({type(cell).__name__})")
+
+    # ------------------------------------------------------------ forwarding
+    @property
+    def return_sequences(self) -> bool:
+        return self.layer.return_sequences
+
+    @property
+    def return_state(self) -> bool:
+        return self.layer.return_state
+
+    @property
+    def go_backwards(self) -> bool:
+        return self.layer.go_backwards
+
+    @property
+    def stateful(self) -> bool:
+        return self.layer.stateful
+
+    @property
+    def zero_output_for_mask(self) -> bool:
+        return self.layer.zero_output_for_mask
+
+    @zero_output_for_mask.setter
+    def zero_output_for_mask(self, value: bool) -> None:
+        self.layer.zero_output_for_mask = value
+
+    # ------------------------------------------------------------ keras plumbing
+    def build(self, sequences_shape: Any, initial_state_shape: Any = None) -> None:
+        self._check_supported()
+        if not self.layer.built:
+            self.layer.build(sequences_shape)
+        self.built = True
+
+    def compute_output_shape(self, sequences_shape: Any, initial_state_shape: Any = None) -> Any:
+        return self.layer.compute_output_shape(sequences_shape)
+
+    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
+        return self.layer.compute_mask(inputs, mask)
+
+    def _make_math(self, split: str, training: Any) -> Any:
+        cell = self.layer.cell
+        math = _analytic_math(cell)
+        if math is not None:
+            return math(cell, split=split)
+        return UserCellMath(cell, self.residual, training=training)
+
+    def _params(self, dtype: str) -> list:
+        cell = self.layer.cell
+        if _analytic_math(cell) is not None:
+            weights = [cell.kernel, cell.recurrent_kernel] + ([cell.bias] if cell.use_bias else [])
+        else:
+            weights = list(cell.trainable_variables)
+        return [ops.cast(w, dtype) for w in weights]
+
+    def call(self, sequences: Any, initial_state: Any = None, mask: Any = None, training: Any = None) -> Any:
+        self._check_supported()
+        inner, cell = self.layer, self.layer.cell
+        options = self.highway_options
+        x = ops.convert_to_tensor(sequences, dtype=self.compute_dtype)
+        batch = ops.shape(x)[0]
+        if initial_state is None:
+            states = inner.get_initial_state(batch)
+        else:
+            states = list(initial_state) if isinstance(initial_state, (list, tuple)) else [initial_state]
+        states = [ops.cast(s, x.dtype) for s in states]
+        s0 = ops.concatenate(states, axis=-1) if len(states) > 1 else states[0]
+
+        if training and getattr(cell, "dropout", 0) > 0:  # one mask per sequence, as the cell draws it
+            drop = keras.random.dropout(ops.ones_like(x[:, 0]), rate=cell.dropout, seed=cell.seed_generator)
+            x = x * drop[:, None, :]
+        x_tm = ops.transpose(x, (1, 0, 2))
+        m_tm = None
+        if mask is not None:
+            if isinstance(mask, (list, tuple)):
+                mask = mask[0]
+            m_tm = ops.expand_dims(ops.transpose(ops.cast(mask, "bool"), (1, 0)), -1)
+        if inner.go_backwards:
+            x_tm = ops.flip(x_tm, axis=0)
+            m_tm = None if m_tm is None else ops.flip(m_tm, axis=0)
+
+        exact = options.iterations is None and options.tol is None
+        split = "step" if (exact or m_tm is not None) else options.split
+        math = self._make_math(split, training)
+        report = lambda d: object.__setattr__(self, "last_diagnostics", d)
+        seq = highway_sequence(math, options, x_tm, s0, self._params(x.dtype), m_tm, report)
+
+        width = sum(math.state_sizes)
+        s_seq = seq[..., :width]
+        if getattr(math, "has_output", False):
+            out = seq[..., width:]  # masked steps already repeat the last output (zeros before any)
+        else:
+            out = s_seq[..., : math.state_sizes[0]]
+            if m_tm is not None:
+                seen = ops.cumsum(ops.cast(m_tm, "int32"), axis=0) > 0
+                out = ops.where(seen, out, ops.zeros_like(out))
+        if m_tm is not None and inner.zero_output_for_mask:
+            out = ops.where(m_tm, out, ops.zeros_like(out))
+
+        output = ops.transpose(out, (1, 0, 2)) if inner.return_sequences else out[-1]
+        if not inner.return_state:
+            return output
+        final, start = [], 0
+        for n in math.state_sizes:
+            final.append(s_seq[-1][:, start : start + n])
+            start += n
+        return (output, *final)
+
+    # ------------------------------------------------------------ serialisation
+    def get_config(self) -> dict:
+        config = super().get_config()
+        residual = self.residual
+        if callable(residual):
+            residual = keras.saving.serialize_keras_object(residual)
+        config.update(
+            layer=keras.saving.serialize_keras_object(self.layer),
+            iterations=self.iterations,
+            tol=self.tol,
+            gamma=self.gamma,
+            split=self.split,
+            diagnostics=self.diagnostics,
+            residual=residual,
+            go_backwards=self.layer.go_backwards,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects: Any = None) -> "HighwayRNN":
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
+        go_backwards = config.pop("go_backwards", None)
+        if go_backwards is not None:  # keras.layers.Bidirectional sets it on our config
+            layer.go_backwards = go_backwards
+        residual = config.pop("residual", None)
+        if isinstance(residual, dict):
+            residual = keras.saving.deserialize_keras_object(residual, custom_objects=custom_objects)
+        return cls(layer, residual=residual, **config)

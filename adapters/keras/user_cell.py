@@ -1,0 +1,188 @@
+"""User cells (``keras.layers.RNN(cell)``): the forward loop and autodiff VJPs.
+
+A user cell maps ``(x_t, [s^1, ..., s^n]_{t-1}) -> (y_t, [s^1, ..., s^n]_t)``; its
+states are concatenated into ``s`` as for the analytic cells and the op also returns
+every raw output ``y_t``. The cell is called through ``stateless_call`` with the weights
+given as tensors, so the same call serves the forward (inside the custom gradient) and
+the VJPs.
+
+The residual ``K_t = diag(a_t)`` comes from ``residual``:
+
+- ``"identity"``: ``a_t = 1`` (a residual cell ``s_t = s_{t-1} + g(...)``);
+- ``None`` or ``"none"``: ``a_t = 0``, the fixed-point iteration (FPI);
+- a callable ``residual(x_t, states_prev, states_new) -> multipliers``: a tensor (one
+  state) or a list with one entry per state, ``None`` for a state without residual; each
+  broadcasts to its state's shape. It is evaluated on the whole ``T·B`` batch at once and
+  treated as a constant.
+
+The block VJP is the cell's full VJP minus the residual part:
+``λ J_t = λ ∂F/∂s_{t-1} - a_t ⊙ λ``. Calling the cell once on the flattened ``T·B``
+batch gives every step's VJP in one autodiff call, as long as the cell treats batch rows
+independently. An output ``y_t`` that is not the state adds the constant
+``(∂L/∂y_t) ∂y_t/∂s_{t-1}`` to the adjoint of ``s_{t-1}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from keras import ops
+
+from .backend_ops import make_vjp
+from .steps import scan_states
+
+__all__ = ["UserCellMath", "check_residual"]
+
+RESIDUAL_NAMES = ("identity", "none")
+
+
+def check_residual(residual: Any) -> Any:
+    """The ``residual`` option, checked as the PyTorch adapter checks it."""
+    if residual is None or callable(residual) or (isinstance(residual, str) and residual in RESIDUAL_NAMES):
+        return residual
+    raise ValueError(
+        "residual must be None, 'identity', 'none' or a callable (x_t, states_prev, states_new) -> multipliers, "
+        f"got residual={residual!r}"
+    )
+
+
+def _split(s: Any, sizes: tuple) -> list:
+    out, start = [], 0
+    for n in sizes:
+        out.append(s[..., start : start + n])
+        start += n
+    return out
+
+
+class UserCellMath:
+    has_output = True
+
+    def __init__(self, cell: Any, residual: Any, training: Any = None, split: str = "step"):
+        self.cell = cell
+        self.residual_option = residual
+        sizes = cell.state_size if isinstance(cell.state_size, (list, tuple)) else [cell.state_size]
+        self.state_sizes = tuple(int(n) for n in sizes)
+        self.output_size = int(getattr(cell, "output_size", None) or self.state_sizes[0])
+        self.kwargs = {"training": training} if getattr(cell, "_call_has_training_arg", False) else {}
+        self.non_trainable = [ops.convert_to_tensor(v) for v in cell.non_trainable_variables]
+
+    def call(self, params: list, x: Any, states: list) -> list:
+        """``[y_t, s^1_t, ..., s^n_t]`` from the cell, with the weights ``params``."""
+        (y, new), _ = self.cell.stateless_call(list(params), self.non_trainable, x, list(states), **self.kwargs)
+        new = list(new) if isinstance(new, (list, tuple)) else [new]
+        return [y, *new]
+
+    def forward(self, params: list, x: Any, s0: list, mask: Any) -> Any:
+        y0 = ops.zeros((ops.shape(x)[1], self.output_size), dtype=x.dtype)
+
+        def step(s, xs):
+            y, *new = self.call(params, xs[0], s[:-1])
+            return [*new, y]
+
+        return scan_states(step, [*s0, y0], (x,), mask)
+
+    def linearize(self, params: list, x: Any, s_prev: Any, s: Any) -> "UserLinearization":
+        return UserLinearization(self, params, x, s_prev, s)
+
+
+class UserLinearization:
+    """The cell's VJPs on the flattened ``T·B`` batch: one forward, many backwards."""
+
+    has_output = True
+
+    def __init__(self, math: UserCellMath, params: list, x: Any, s_prev: Any, s: Any):
+        self.math, self.params, self.x, self.s_prev, self.s = math, params, x, s_prev, s
+        shape = ops.shape(x)
+        self.T, self.B = shape[0], shape[1]
+        self.sizes = math.state_sizes
+        flat = lambda a: ops.reshape(a, (-1, a.shape[-1]))
+        self.x_flat = flat(x)
+        self.prev_flat = [flat(p) for p in _split(s_prev, self.sizes)]
+        n = len(self.sizes)
+
+        def fn(xf, *rest):
+            return math.call(list(rest[n:]), xf, list(rest[:n]))
+
+        self.outs, self._vjp = make_vjp(fn, [self.x_flat, *self.prev_flat, *params])
+
+    def _unflat(self, a: Any) -> Any:
+        return ops.reshape(a, (self.T, self.B, a.shape[-1]))
+
+    def _pull(self, gy: Any, lam: Any) -> tuple[Any, list, list]:
+        """Full VJP for cotangents ``gy`` on ``y`` and ``lam`` on the new state."""
+        n = len(self.sizes)
+        gy = ops.zeros_like(self.outs[0]) if gy is None else ops.reshape(gy, (-1, self.math.output_size))
+        if lam is None:
+            lam_parts = [ops.zeros_like(o) for o in self.outs[1:]]
+        else:
+            lam_parts = [ops.reshape(p, (-1, p.shape[-1])) for p in _split(lam, self.sizes)]
+        grads = self._vjp([gy, *lam_parts])
+        dx = self._unflat(grads[0])
+        dprev = ops.concatenate([self._unflat(g) for g in grads[1 : 1 + n]], axis=-1)
+        return dx, list(grads[1 + n :]), dprev
+
+    def residual(self) -> Any:
+        opt = self.math.residual_option
+        if opt == "identity":
+            return ops.ones_like(self.s)
+        if opt is None or opt == "none":
+            return ops.zeros_like(self.s)
+        new_flat = [ops.reshape(p, (-1, p.shape[-1])) for p in _split(self.s, self.sizes)]
+        out = opt(ops.stop_gradient(self.x_flat), [ops.stop_gradient(p) for p in self.prev_flat], [ops.stop_gradient(p) for p in new_flat])
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        if len(out) != len(self.sizes):
+            raise ValueError(
+                f"residual (the callable's return value) must give {len(self.sizes)} multiplier(s), one per state "
+                f"(None for a state without residual), got {len(out)}"
+            )
+        parts = [
+            ops.zeros_like(p) if a is None else ops.broadcast_to(ops.cast(a, p.dtype), ops.shape(p))
+            for a, p in zip(out, new_flat)
+        ]
+        return self._unflat(ops.concatenate(parts, axis=-1))
+
+    def block(self, lam: Any) -> Any:
+        return self._pull(None, lam)[2] - self.residual_cached() * lam
+
+    def residual_cached(self) -> Any:
+        if not hasattr(self, "_residual"):
+            self._residual = self.residual()
+        return self._residual
+
+    def fold(self, b: Any) -> Any:
+        return b
+
+    def route(self, gy: Any) -> Any:
+        return self._pull(gy, None)[2]
+
+    def grads(self, lam: Any, gy: Any) -> tuple[Any, list, Any]:
+        dx, dparams, dprev = self._pull(gy, lam)
+        return dx, dparams, dprev[0]
+
+    def exact_grads(self, local: Any, gy: Any, mask: Any) -> tuple[Any, Any, list, Any]:
+        """The sequential adjoint, one step's VJP at a time (the length must be static).
+        Returns ``(∂L/∂x, ∂L/∂s_0, [∂L/∂θ], w)``."""
+        T = self.x.shape[0]
+        if T is None:
+            raise ValueError(
+                "HighwayRNN: the exact gradient (iterations=None) of a user cell needs a static sequence "
+                "length under graph execution; give the Input a fixed length or set iterations"
+            )
+        n = len(self.sizes)
+        carry = ops.zeros_like(local[0])
+        dxs, ws, dparams = [None] * T, [None] * T, None
+        for t in reversed(range(T)):
+            w_t = local[t] + carry
+            ws[t] = w_t
+            m_t = None if mask is None else mask[t]
+            fn = lambda xf, *rest: self.math.call(list(rest[n:]), xf, list(rest[:n]))
+            outs, vjp = make_vjp(fn, [self.x[t], *_split(self.s_prev[t], self.sizes), *self.params])
+            cot_w = w_t if m_t is None else w_t * m_t
+            gy_t = ops.zeros_like(outs[0]) if gy is None else (gy[t] if m_t is None else gy[t] * m_t)
+            grads = vjp([gy_t, *_split(cot_w, self.sizes)])
+            dxs[t] = grads[0]
+            back = ops.concatenate(list(grads[1 : 1 + n]), axis=-1)
+            carry = back if m_t is None else back + (1 - m_t) * w_t
+            step_params = list(grads[1 + n :])
+            dparams = step_params if dparams is None else [a + b for a, b in zip(dparams, step_params)]
+        return ops.stack(dxs), carry, dparams, ops.stack(ws)
