@@ -31,8 +31,12 @@ from .steps import AnalyticLinearization
 __all__ = ["highway_sequence"]
 
 
-def _cosine(a: Any, b: Any) -> Any:
-    return ops.sum(a * b) / ops.maximum(ops.sqrt(ops.sum(a * a) * ops.sum(b * b)), 1e-30)
+def _cosine(a: Any, b: Any, traced: bool) -> Any:
+    """Cosine of two adjoints over all steps (a Python float unless ``traced``)."""
+    dot, na, nb = ops.sum(a * b), ops.sqrt(ops.sum(a * a)), ops.sqrt(ops.sum(b * b))
+    if traced:
+        return dot / (na * nb + 1e-30)
+    return float(dot) / max(float(na) * float(nb), 1e-300)
 
 
 def _linearize(math: Any, params: list, x: Any, s_prev: Any, s: Any) -> Any:
@@ -98,8 +102,7 @@ def backward(math: Any, options: HighwayOptions, params: list, x: Any, s0: Any, 
         )
         if options.diagnostics == "debug":
             exact_u = _exact_for_debug(lin, local, m, block, a, options, x.shape[0], ops_)
-            cos = _cosine(u, exact_u)
-            diag.cosine = cos if ops_.traced else float(cos)
+            diag.cosine = _cosine(u, exact_u, ops_.traced)
     lam = u if m is None else u * m
     dx, dparams, dprev0 = lin.grads(lam, gy)
     ds0 = dprev0 if m is None else dprev0 + (1 - m[0]) * u[0]

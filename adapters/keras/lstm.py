@@ -86,11 +86,11 @@ class LSTMMath(StepMath):
         dtc = act.derivative(self.act, c, tc)
         return (i, f, g, o, c_prev, tc, di, df, dg, do, dtc), (U,)
 
-    def _dpre(self, cache: tuple, lam: Any) -> tuple[Any, Any]:
+    def _dpre(self, cache: tuple, lam: Any, split: str | None = None) -> tuple[Any, Any]:
         i, f, g, o, c_prev, tc, di, df, dg, do, dtc = cache[0]
         H = self.units
         lh, lc = lam[..., :H], lam[..., H:]
-        dc = lc if self.split == "gates" else lc + lh * o * dtc
+        dc = lc if (split or self.split) == "gates" else lc + lh * o * dtc
         dpre = ops.concatenate([dc * g * di, dc * c_prev * df, dc * i * dg, lh * tc * do], axis=-1)
         return dpre, dc
 
@@ -109,10 +109,13 @@ class LSTMMath(StepMath):
             to_c = lam[..., :H] * o * dtc * f
         return ops.concatenate([to_h, to_c], axis=-1)
 
-    def prev(self, cache: tuple, lam: Any) -> Any:
+    def prev(self, cache: tuple, lam: Any, split: str | None = None) -> Any:
         f, (U,) = cache[0][1], cache[1]
-        dpre, dc = self._dpre(cache, lam)
+        dpre, dc = self._dpre(cache, lam, split)
         return ops.concatenate([matmul(dpre, ops.transpose(U)), dc * f], axis=-1)
+
+    def step_prev(self, cache: tuple, lam: Any) -> Any:
+        return self.prev(cache, lam, split="step")
 
     def fold(self, cache: tuple, b: Any) -> Any:
         if self.split != "gates":

@@ -41,6 +41,11 @@ class StepMath:
     def prev(self, cache: tuple, lam: Any) -> Any:
         return self.block(cache, lam) + self.residual(cache) * lam
 
+    def step_prev(self, cache: tuple, lam: Any) -> Any:
+        """``prev`` for the plain adjoint ``w`` (the ``"step"`` split's meaning of the
+        state adjoint), whatever this object's split."""
+        return self.prev(cache, lam)
+
     def residual(self, cache: tuple) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -107,7 +112,9 @@ class AnalyticLinearization:
 
     def exact_adjoint(self, local: Any, mask: Any) -> tuple[Any, Any]:
         """The sequential adjoint ``w_{t-1} = ℓ_{t-1} + w_t (J_t + K_t)`` as one reverse
-        scan of per-step VJPs (a masked step passes ``w`` through). Returns ``(w, w_{-1})``."""
+        scan of per-step VJPs (a masked step passes ``w`` through). Returns
+        ``(fold(w), w_{-1})``: the adjoint in this split's representation (``fold(w)``
+        is what Highway-BP converges to), and the initial state's gradient."""
         steps, shared = self.cache
 
         def f(carry, xs):
@@ -116,11 +123,11 @@ class AnalyticLinearization:
             else:
                 st, l_t, m_t = xs[:-2], xs[-2], xs[-1]
             w_t = l_t + carry
-            back = self.math.prev((tuple(st), shared), w_t)
+            back = self.math.step_prev((tuple(st), shared), w_t)
             if mask is not None:
                 back = m_t * back + (1 - m_t) * w_t
             return back, w_t
 
         xs = (*steps, local) if mask is None else (*steps, local, mask)
         w_init, w = ops.scan(f, ops.zeros_like(local[0]), xs, reverse=True)
-        return w, w_init
+        return self.fold(w), w_init
