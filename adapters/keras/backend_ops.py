@@ -7,8 +7,10 @@
     norm(x):             ||x||_2 (a Python float, or a scalar tensor when traced)
 
 The scan is the core's odd-even reduction on the torch backend
-(``hwbptt.scan.linear_scan``), ``keras.ops.associative_scan`` elsewhere when the length
-is static, and ``keras.ops.scan`` (a sequential loop) when it is not. None of them divides
+(``hwbptt.scan.linear_scan``), the same reduction written with ``keras.ops`` elsewhere
+when the length is static (it compiles under XLA, where Keras's TensorFlow
+``associative_scan`` does not for odd lengths), and ``keras.ops.scan`` (a sequential
+loop) when it is not. None of them divides
 by cumulative products of gates, which underflow on long sequences.
 
 ``make_vjp`` is the backend's reverse-mode autodiff, used only for user cells.
@@ -39,6 +41,17 @@ def matmul(a: Any, b: Any) -> Any:
     return ops.matmul(a, b)
 
 
+def match_shape(t: Any, like: Any) -> Any:
+    """``t`` with ``like``'s static shape (TensorFlow's graph-mode custom gradients
+    hand the upstream gradient over with its shape forgotten)."""
+    if backend_name() == "tensorflow":
+        import tensorflow as tf
+
+        t = tf.reshape(t, tf.shape(like))
+        t.set_shape(like.shape)
+    return t
+
+
 def is_traced(x: Any) -> bool:
     """True when ``x`` is symbolic (a TF graph being built, a JAX tracer): its value
     cannot be read by Python."""
@@ -54,11 +67,26 @@ def is_traced(x: Any) -> bool:
     return False
 
 
-def _combine(earlier: tuple[Any, Any], later: tuple[Any, Any]) -> tuple[Any, Any]:
-    # Composing u -> a1 u + b1 then u -> a2 u + b2 gives u -> (a2 a1) u + (a2 b1 + b2).
-    a1, b1 = earlier
-    a2, b2 = later
-    return a1 * a2, a2 * b1 + b2
+_SEQUENTIAL_BELOW = 8
+
+
+def _forward_scan(a: Any, b: Any, T: int) -> Any:
+    """``u_t = a_t u_{t-1} + b_t`` along axis 0 (static length ``T``), by the odd-even
+    reduction of ``hwbptt.scan``: O(T) work, O(log T) depth, no division."""
+    if T < _SEQUENTIAL_BELOW:
+        rows = [b[0]]
+        for t in range(1, T):
+            rows.append(b[t] + a[t] * rows[-1])
+        return ops.stack(rows)
+    n = T // 2
+    a_even, a_odd = a[0 : 2 * n : 2], a[1 : 2 * n : 2]
+    b_even, b_odd = b[0 : 2 * n : 2], b[1 : 2 * n : 2]
+    # Steps (2j, 2j+1) compose into one: u_{2j+1} = (a_{2j+1} a_{2j}) u_{2j-1} + (a_{2j+1} b_{2j} + b_{2j+1}).
+    u_odd = _forward_scan(a_odd * a_even, b_odd + a_odd * b_even, n)
+    m = (T + 1) // 2 - 1  # even steps 2, 4, ... below T follow from the odd step before them
+    u_even = ops.concatenate([b[:1], b[2::2][:m] + a[2::2][:m] * u_odd[:m]], axis=0)
+    paired = ops.reshape(ops.stack([u_even[:n], u_odd], axis=1), (2 * n, *ops.shape(b)[1:]))
+    return ops.concatenate([paired, u_even[n:]], axis=0) if T % 2 else paired
 
 
 class KerasArrayOps:
@@ -70,16 +98,17 @@ class KerasArrayOps:
 
     @staticmethod
     def reverse_scan(a: Any, b: Any) -> Any:
-        a = ops.broadcast_to(a, ops.shape(b)) if tuple(a.shape) != tuple(b.shape) else a
         name = backend_name()
         if name == "torch":
             from hwbptt.scan import linear_scan
 
             return linear_scan(a, b, reverse=True, dim=0)
-        if b.shape[0] is not None:
-            if b.shape[0] == 0:
+        a = ops.broadcast_to(a, ops.shape(b))
+        T = b.shape[0]
+        if T is not None:
+            if T == 0:
                 return b
-            return ops.associative_scan(_combine, (a, b), reverse=True)[1]
+            return ops.flip(_forward_scan(ops.flip(a, 0), ops.flip(b, 0), T), 0)
 
         def step(u_next, ab):
             a_t, b_t = ab

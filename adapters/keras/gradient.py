@@ -25,7 +25,7 @@ from keras import ops
 from hwbptt.engine import highway_adjoint
 from hwbptt.options import Diagnostics, HighwayOptions, effective_iterations
 
-from .backend_ops import KerasArrayOps, is_traced
+from .backend_ops import KerasArrayOps, is_traced, match_shape
 from .steps import AnalyticLinearization
 
 __all__ = ["highway_sequence"]
@@ -140,6 +140,7 @@ def highway_sequence(math: Any, options: HighwayOptions, x: Any, s0: Any, params
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
+            upstream = match_shape(upstream, seq)
             dx, ds0, dparams = backward(math, options, params, x, s0, seq, mask, upstream, report)
             return (dx, ds0, *dparams)
 

@@ -46,6 +46,12 @@ def check_residual(residual: Any) -> Any:
     )
 
 
+def _rows(a: Any) -> Any:
+    """``(T, B, n) -> (T·B, n)``."""
+    n = a.shape[-1] if a.shape[-1] is not None else ops.shape(a)[-1]
+    return ops.reshape(a, (-1, n))
+
+
 def _split(s: Any, sizes: tuple) -> list:
     out, start = [], 0
     for n in sizes:
@@ -95,9 +101,8 @@ class UserLinearization:
         shape = ops.shape(x)
         self.T, self.B = shape[0], shape[1]
         self.sizes = math.state_sizes
-        flat = lambda a: ops.reshape(a, (-1, a.shape[-1]))
-        self.x_flat = flat(x)
-        self.prev_flat = [flat(p) for p in _split(s_prev, self.sizes)]
+        self.x_flat = _rows(x)
+        self.prev_flat = [_rows(p) for p in _split(s_prev, self.sizes)]
         n = len(self.sizes)
 
         def fn(xf, *rest):
@@ -106,7 +111,7 @@ class UserLinearization:
         self.outs, self._vjp = make_vjp(fn, [self.x_flat, *self.prev_flat, *params])
 
     def _unflat(self, a: Any) -> Any:
-        return ops.reshape(a, (self.T, self.B, a.shape[-1]))
+        return ops.reshape(a, (self.T, self.B, -1))
 
     def _pull(self, gy: Any, lam: Any) -> tuple[Any, list, list]:
         """Full VJP for cotangents ``gy`` on ``y`` and ``lam`` on the new state."""
@@ -115,7 +120,7 @@ class UserLinearization:
         if lam is None:
             lam_parts = [ops.zeros_like(o) for o in self.outs[1:]]
         else:
-            lam_parts = [ops.reshape(p, (-1, p.shape[-1])) for p in _split(lam, self.sizes)]
+            lam_parts = [_rows(p) for p in _split(lam, self.sizes)]
         grads = self._vjp([gy, *lam_parts])
         dx = self._unflat(grads[0])
         dprev = ops.concatenate([self._unflat(g) for g in grads[1 : 1 + n]], axis=-1)
@@ -127,7 +132,7 @@ class UserLinearization:
             return ops.ones_like(self.s)
         if opt is None or opt == "none":
             return ops.zeros_like(self.s)
-        new_flat = [ops.reshape(p, (-1, p.shape[-1])) for p in _split(self.s, self.sizes)]
+        new_flat = [_rows(p) for p in _split(self.s, self.sizes)]
         out = opt(ops.stop_gradient(self.x_flat), [ops.stop_gradient(p) for p in self.prev_flat], [ops.stop_gradient(p) for p in new_flat])
         out = list(out) if isinstance(out, (list, tuple)) else [out]
         if len(out) != len(self.sizes):
