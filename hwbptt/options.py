@@ -12,6 +12,13 @@
 ``diagnostics`` ``False``, ``True`` (iterations used and per-iteration update norms) or
                 ``"debug"`` (also the cosine of the estimate to the exact gradient).
 
+A layer may also offer ``check_finite`` (``CheckFiniteMixin``; ``False`` by default): a
+safety check, not part of the algorithm, so not in ``HighwayOptions``. When ``True``, a
+non-finite value (NaN, +-Inf) in the inputs or outputs of the forward, or in the upstream
+gradient in the backward, raises ``FloatingPointError`` naming the tensor and the first
+time step where it appears. When ``False`` non-finite values propagate as BPTT
+propagates them.
+
 The options are plain attributes of the layers (``layer.iterations = 5``); the
 ``HighwayOptionsMixin`` descriptors validate every assignment, so a bad value fails where
 it is set, with the argument's name and value in the message.
@@ -33,6 +40,8 @@ __all__ = [
     "check_gamma",
     "check_split",
     "check_diagnostics",
+    "check_check_finite",
+    "CheckFiniteMixin",
     "effective_iterations",
 ]
 
@@ -77,6 +86,12 @@ def check_split(value: Any) -> str:
 def check_diagnostics(value: Any) -> bool | str:
     if not any(value is d or (isinstance(d, str) and value == d) for d in DIAGNOSTICS):
         raise ValueError(f"diagnostics must be one of {DIAGNOSTICS}, got diagnostics={value!r}")
+    return value
+
+
+def check_check_finite(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"check_finite must be a bool, got check_finite={value!r} of type {type(value).__name__}")
     return value
 
 
@@ -148,6 +163,27 @@ class HighwayOptionsMixin:
     @property
     def highway_options(self) -> HighwayOptions:
         return HighwayOptions(**{name: getattr(self, name) for name in _CHECKS})
+
+
+class _CheckFiniteOption:
+    """Data descriptor for ``check_finite`` (validated, default ``False``)."""
+
+    slot = "_highway_check_finite"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj.__dict__.get(self.slot, False)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = check_check_finite(value)
+
+
+class CheckFiniteMixin:
+    """Gives a layer the ``check_finite`` attribute (see the module docstring). Only
+    layers that implement the check inherit it, so setting it never does nothing."""
+
+    check_finite = _CheckFiniteOption()
 
 
 @dataclass

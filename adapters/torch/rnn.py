@@ -11,7 +11,19 @@ When is which path taken (nothing switches silently: each is the documented beha
 - ``iterations=None`` and no ``tol`` (exact): the parent's own forward and autograd
   (BPTT through the fused kernel); for a ``PackedSequence``, autograd through the padded
   fused kernel;
+- an empty input (batch 0, T = 0, no features): the parent's forward and autograd (its
+  error for T = 0; for an empty batch every gradient is zero under either algorithm);
 - otherwise: Highway-BP with the options read at this forward call.
+
+Highway-BP's backward is not differentiable: a backward with ``create_graph=True``
+through a Highway layer raises ``RuntimeError`` (use ``iterations=None`` for higher-order
+gradients). ``torch.jit.script`` raises ``RuntimeError`` (the backward is a Python
+``autograd.Function``); ``torch.jit.trace`` raises ``RuntimeError`` on the Highway path
+(trace under ``torch.no_grad()`` or with ``iterations=None``).
+
+``check_finite=True`` raises ``FloatingPointError`` for a NaN/Inf in the input, the initial
+state or the outputs (forward) or in the upstream gradient of an output (backward),
+naming the tensor and the first time step where it appears.
 
 ``PackedSequence`` inputs run on the padded batch (the fused kernel on a packed batch
 is 10-100x slower): forward states are the same for ``t < length``, the final state is
@@ -30,13 +42,30 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from hwbptt import Diagnostics, HighwayOptionsMixin
+from hwbptt.options import CheckFiniteMixin
 
 from .layer import gru_layer, lstm_layer, reverse_within
 
 __all__ = ["HighwayLSTM", "HighwayGRU"]
 
 
-class _HighwayRNNBase(HighwayOptionsMixin):
+def _nonfinite_at(t: torch.Tensor, time_dim: int) -> tuple[int, float] | None:
+    """``(first time index, a bad value)`` of a non-finite entry of ``t``, or ``None``."""
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return None
+    per_step = bad.movedim(time_dim, 0).reshape(t.shape[time_dim], -1)
+    step = int(per_step.any(1).nonzero()[0, 0])
+    value = float(t.movedim(time_dim, 0)[step].reshape(-1)[per_step[step]][0])
+    return step, value
+
+
+def _packed_steps(batch_sizes: torch.Tensor) -> torch.Tensor:
+    """Time index of every row of a ``PackedSequence``'s data."""
+    return torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes.cpu())
+
+
+class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
     """The layer/direction loop shared by ``HighwayLSTM`` and ``HighwayGRU``.
 
     The subclass supplies ``_state_sizes()`` (one size per state tensor) and ``_layer``
@@ -46,13 +75,26 @@ class _HighwayRNNBase(HighwayOptionsMixin):
 
     last_diagnostics: dict[tuple[int, int], Diagnostics]
 
-    def _init_highway(self, iterations: Any, tol: Any, gamma: Any, split: Any, diagnostics: Any) -> None:
+    def _init_highway(self, iterations: Any, tol: Any, gamma: Any, split: Any, diagnostics: Any, check_finite: Any) -> None:
         self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, split=split, diagnostics=diagnostics)
+        self.check_finite = check_finite
         self.last_diagnostics = {}
 
     def extra_repr(self) -> str:
         o = self.highway_options
-        return super().extra_repr() + f", iterations={o.iterations}, tol={o.tol}, gamma={o.gamma}, split={o.split!r}"
+        extra = f", iterations={o.iterations}, tol={o.tol}, gamma={o.gamma}, split={o.split!r}"
+        if self.check_finite:
+            extra += ", check_finite=True"
+        return super().extra_repr() + extra
+
+    # -- what the parent supports and this layer cannot --------------------------------
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script: its Highway-BP backward is a Python "
+            "torch.autograd.Function. Use torch.compile, or script a plain "
+            f"nn.{next(c for c in type(self).__mro__ if c in (nn.LSTM, nn.GRU)).__name__} holding the same state_dict "
+            "(its gradient is BPTT's)."
+        )
 
     # -- the parent's behaviour, kept --------------------------------------------------
     def _needs_grad(self, input: Any, hx: Any) -> bool:
@@ -65,12 +107,101 @@ class _HighwayRNNBase(HighwayOptionsMixin):
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
         options = self.highway_options
-        if not packed and (options.exact or not self._needs_grad(input, hx)):
-            return super().forward(input, hx)
-        self._update_flat_weights()
-        if packed:
-            return self._forward_packed(input, hx, options)
-        return self._forward_padded(input, hx, options)
+        check = self.check_finite
+        if check:
+            self._check_inputs_finite(input, hx)
+        parent = not packed and (options.exact or not self._needs_grad(input, hx) or input.numel() == 0)
+        if not parent and torch.jit.is_tracing():
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.jit.trace cannot record Highway-BP's backward (a Python "
+                "torch.autograd.Function). Trace under torch.no_grad() or with iterations=None (the parent's "
+                "kernel and BPTT)."
+            )
+        if parent:
+            output, h = super().forward(input, hx)
+        else:
+            self._update_flat_weights()
+            if packed:
+                output, h = self._forward_packed(input, hx, options)
+            else:
+                output, h = self._forward_padded(input, hx, options)
+        if check or not parent:
+            self._guard_outputs(input, output, h, highway=not parent, check=check)
+        return output, h
+
+    # -- check_finite and the double-backward guard --------------------------------------
+    def _time_dim(self, input: Any) -> int:
+        return 1 if self.batch_first and isinstance(input, torch.Tensor) and input.dim() == 3 else 0
+
+    def _raise_nonfinite(self, what: str, found: tuple[int, float] | None, phase: str, step_name: str = "step") -> None:
+        if found is None:
+            return
+        step, value = found
+        raise FloatingPointError(
+            f"{type(self).__name__} (check_finite=True): {what} has a non-finite value ({value}) in the {phase}, "
+            f"first at {step_name} {step}"
+        )
+
+    def _check_inputs_finite(self, input: Any, hx: Any) -> None:
+        if isinstance(input, PackedSequence):
+            found = _nonfinite_at(input.data, 0)
+            if found is not None:
+                found = (int(_packed_steps(input.batch_sizes)[found[0]]), found[1])
+            self._raise_nonfinite("input", found, "forward")
+        elif isinstance(input, torch.Tensor) and input.numel():
+            self._raise_nonfinite("input", _nonfinite_at(input, self._time_dim(input)), "forward")
+        if hx is not None:
+            for i, s in enumerate(self._as_tuple(hx)):
+                if isinstance(s, torch.Tensor) and s.numel():
+                    self._raise_nonfinite(f"initial state hx[{i}]", _nonfinite_at(s.unsqueeze(0), 0), "forward", "initial state")
+
+    def _guard_outputs(self, input: Any, output: Any, h: Any, highway: bool, check: bool) -> None:
+        """Forward check of the outputs; backward hooks: the upstream gradient's check and,
+        on the Highway path, a clear error for ``create_graph=True``."""
+        packed = isinstance(output, PackedSequence)
+        out = output.data if packed else output
+        steps = _packed_steps(output.batch_sizes) if packed else None
+        time_dim = 0 if packed else self._time_dim(input)
+        finals = self._as_tuple(h)
+        T = int(len(output.batch_sizes)) if packed else out.shape[time_dim]
+        if check and out.numel():
+            found = _nonfinite_at(out, time_dim)
+            if found is not None and steps is not None:
+                found = (int(steps[found[0]]), found[1])
+            self._raise_nonfinite("output", found, "forward")
+            for i, s in enumerate(finals):
+                found = _nonfinite_at(s.unsqueeze(0), 0)
+                self._raise_nonfinite(f"final state h_n[{i}]", None if found is None else (T - 1, found[1]), "forward")
+        if not torch.is_grad_enabled():
+            return
+        name = type(self).__name__
+        iterations = self.iterations
+
+        def hook(what: str, time_dim: int | None):
+            def fn(grad: torch.Tensor) -> None:
+                if highway and torch.is_grad_enabled():
+                    raise RuntimeError(
+                        f"{name}: double backward (create_graph=True) is not supported by Highway-BP "
+                        f"(iterations={iterations}): its backward is computed once and is not differentiable, "
+                        "so a second derivative would be wrong. Use iterations=None (exact BPTT through the "
+                        "parent's kernel) for higher-order gradients."
+                    )
+                if check and grad is not None and grad.numel():
+                    if time_dim is None:  # a final state: read at the last step
+                        found = _nonfinite_at(grad.unsqueeze(0), 0)
+                        found = None if found is None else (T - 1, found[1])
+                    else:
+                        found = _nonfinite_at(grad, time_dim)
+                        if found is not None and steps is not None:
+                            found = (int(steps[found[0]]), found[1])
+                    self._raise_nonfinite(f"the upstream gradient of {what}", found, "backward")
+            return fn
+
+        if out.requires_grad:
+            out.register_hook(hook("output", time_dim))
+        for i, s in enumerate(finals):
+            if s.requires_grad:
+                s.register_hook(hook(f"h_n[{i}]" if len(finals) > 1 else "h_n", None))
 
     def _default_state(self, batch: int, ref: torch.Tensor) -> tuple[torch.Tensor, ...]:
         D = 2 if self.bidirectional else 1
@@ -162,6 +293,8 @@ class HighwayLSTM(_HighwayRNNBase, nn.LSTM):
     - ``gamma`` (float in [0, 1], default 0): residual shift; 1 is FPI.
     - ``split`` (``"gates"`` default, or ``"step"``): what counts as a block.
     - ``diagnostics`` (False, True or ``"debug"``): fill ``last_diagnostics`` in backward.
+    - ``check_finite`` (bool, default False): raise ``FloatingPointError`` at the first
+      non-finite value in the input, state, outputs or upstream gradient (module docstring).
 
     Inputs, outputs and shapes are ``nn.LSTM``'s: ``input`` (L, N, H_in) (or (N, L, H_in)
     with ``batch_first``, (L, H_in) unbatched, or a ``PackedSequence``), ``(h_0, c_0)``
@@ -171,9 +304,9 @@ class HighwayLSTM(_HighwayRNNBase, nn.LSTM):
     backward pass (with ``diagnostics`` set).
     """
 
-    def __init__(self, *args, iterations=3, tol=None, gamma=0.0, split="gates", diagnostics=False, **kwargs):
+    def __init__(self, *args, iterations=3, tol=None, gamma=0.0, split="gates", diagnostics=False, check_finite=False, **kwargs):
         nn.LSTM.__init__(self, *args, **kwargs)
-        self._init_highway(iterations, tol, gamma, split, diagnostics)
+        self._init_highway(iterations, tol, gamma, split, diagnostics, check_finite)
 
     def _state_sizes(self) -> tuple[int, int]:
         return (self.proj_size if self.proj_size > 0 else self.hidden_size, self.hidden_size)
@@ -194,9 +327,9 @@ class HighwayGRU(_HighwayRNNBase, nn.GRU):
     Inputs, outputs and shapes are ``nn.GRU``'s: returns ``output, h_n``.
     """
 
-    def __init__(self, *args, iterations=3, tol=None, gamma=0.0, split="gates", diagnostics=False, **kwargs):
+    def __init__(self, *args, iterations=3, tol=None, gamma=0.0, split="gates", diagnostics=False, check_finite=False, **kwargs):
         nn.GRU.__init__(self, *args, **kwargs)
-        self._init_highway(iterations, tol, gamma, split, diagnostics)
+        self._init_highway(iterations, tol, gamma, split, diagnostics, check_finite)
 
     def _state_sizes(self) -> tuple[int]:
         return (self.hidden_size,)
