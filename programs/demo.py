@@ -26,6 +26,7 @@ from .common import (
     ensure_out_dir,
     format_table,
     iterations_list,
+    nonneg_int,
     plot_curves,
     positive_float,
     positive_int,
@@ -40,7 +41,7 @@ PROG = "python -m hwbptt demo"
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("--steps", type=positive_int, default=300, help="training steps per run (default 300)")
+    p.add_argument("--steps", type=positive_int, default=400, help="training steps per run (default 400)")
     p.add_argument("--seq-len", type=positive_int, default=512, help="sequence length T (default 512)")
     p.add_argument("--hidden", type=positive_int, default=32, help="hidden units (default 32)")
     p.add_argument("--batch", type=positive_int, default=32, help="batch size (default 32)")
@@ -51,7 +52,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate (default 0.01)")
     p.add_argument("--cos-every", type=positive_int, default=50, help="measure the gradient cosine every N steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=nonneg_int, default=1, help="torch CPU threads (default 1: steadier timings on a busy machine; 0: torch's choice)"
+    )
     p.add_argument("--out", default=os.path.join("results", "demo"), help="output folder (default results/demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
