@@ -8,11 +8,24 @@ for the Highway-BP adjoint ``w_t = ℓ_t + a_{t+1} w_{t+1}`` the caller passes t
 residual multipliers shifted by one step.
 
 ``linear_scan_reference`` is the sequential loop, kept as the obviously correct twin of
-``linear_scan``, which runs an odd-even reduction: pairs of steps are combined into one
-step of a recurrence half as long, solved recursively, and the skipped steps are filled
-in afterwards. Work is O(T), depth O(log T), and it only multiplies and adds gates
-(never divides by cumulative products, which underflow over long sequences). Both are
-differentiable by autograd. Half-precision inputs are accumulated in float32 and the
+``linear_scan``. ``linear_scan`` runs the same recurrence on the fastest implementation
+available for its inputs (none changes the result beyond rounding; ``scan_backend``
+says which one a call takes):
+
+- ``"cpu-kernel"``: CPU float32/float64 tensors that need no autograd graph: one compiled
+  pass, sequential over time and vectorised across lanes (``hwbptt.kernels.cpu_scan``);
+  reads ``a`` and ``b`` once and writes ``u`` once. Measured on a 2-core CPU it is 5-20x
+  faster than the reduction below, whose many small strided ops dominate there.
+- ``"triton"``: CUDA tensors that need no autograd graph, when Triton is installed
+  (``hwbptt.kernels.triton_scan``): one program per block of lanes, sequential over time.
+- ``"torch"`` (everything else, and the autograd path): an odd-even reduction: pairs of
+  steps are combined into one step of a recurrence half as long, solved recursively, and
+  the skipped steps are filled in afterwards. Work O(T), depth O(log T);
+  ``linear_scan_torch`` calls it directly.
+
+All only multiply and add gates (never divide by cumulative products, which underflow
+over long sequences). The torch path is differentiable by autograd; the kernels are used
+only where no graph is recorded. Half-precision inputs are accumulated in float32 and the
 result is returned in the input dtype.
 """
 
@@ -20,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["linear_scan", "linear_scan_reference"]
+__all__ = ["linear_scan", "linear_scan_reference", "linear_scan_torch", "scan_backend"]
 
 # Below this length the reduction's per-level overhead outweighs a plain loop.
 _SEQUENTIAL_BELOW = 8
@@ -84,18 +97,84 @@ def _forward_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([paired, u_even[n:]]) if T % 2 else paired
 
 
+def _needs_graph(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+
+
+def scan_backend(a: torch.Tensor, b: torch.Tensor) -> str:
+    """Which implementation ``linear_scan(a, b)`` uses: ``"cpu-kernel"``, ``"triton"`` or
+    ``"torch"`` (module docstring)."""
+    if _needs_graph(a, b):
+        return "torch"
+    dtype = torch.float32 if b.dtype in _LOW_PRECISION else b.dtype
+    if b.device.type == "cpu" and dtype in (torch.float32, torch.float64) and a.device == b.device:
+        from .kernels import cpu_scan
+
+        if cpu_scan.available():
+            return "cpu-kernel"
+    if b.device.type == "cuda" and dtype in (torch.float32, torch.float64) and a.device == b.device:
+        from .kernels import triton_scan
+
+        if triton_scan.available():
+            return "triton"
+    return "torch"
+
+
+def _lanes_3d(x: torch.Tensor) -> torch.Tensor:
+    """View a time-major tensor as (T, M, K) with stride 1 on K (copying only if needed)."""
+    T = x.shape[0]
+    if x.dim() == 1:
+        return x.reshape(T, 1, 1)
+    K = x.shape[-1]
+    if x.stride(-1) != 1 and K > 1:
+        x = x.contiguous()
+    try:
+        return x.view(T, -1, K)
+    except RuntimeError:
+        return x.contiguous().view(T, -1, K)
+
+
+def _kernel_scan(a: torch.Tensor, b: torch.Tensor, reverse: bool, backend: str) -> torch.Tensor:
+    a3, b3 = _lanes_3d(a), _lanes_3d(b)
+    T, M, K = b3.shape
+    # Few rows of lanes: split K into more rows when both are contiguous across lanes.
+    if M < 8 and K >= 128 and a3.stride(1) == K and b3.stride(1) == K:
+        parts = next((p for p in (16, 8, 4, 2) if K % p == 0 and K // p >= 32), 1)
+        a3, b3 = a3.view(T, M * parts, K // parts), b3.view(T, M * parts, K // parts)
+    if backend == "cpu-kernel":
+        from .kernels.cpu_scan import scan_3d
+    else:
+        from .kernels.triton_scan import scan_3d
+    return scan_3d(a3, b3, reverse).view(b.shape)
+
+
+def linear_scan_torch(a: torch.Tensor, b: torch.Tensor, reverse: bool = False, dim: int = 0) -> torch.Tensor:
+    """``linear_scan`` on the plain-torch odd-even reduction, whatever the inputs."""
+    return _linear_scan(a, b, reverse, dim, force_torch=True)
+
+
 def linear_scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False, dim: int = 0) -> torch.Tensor:
     """Solve the linear recurrence of the module docstring along ``dim``.
 
     ``a`` broadcasts to ``b``'s shape. Returns ``u`` with ``b``'s shape and dtype.
     """
+    return _linear_scan(a, b, reverse, dim, force_torch=False)
+
+
+def _linear_scan(a: torch.Tensor, b: torch.Tensor, reverse: bool, dim: int, force_torch: bool) -> torch.Tensor:
     a, b, dim = _check(a, b, dim)
     if b.shape[dim] == 0:
         return b.clone()
     out_dtype = b.dtype
+    backend = "torch" if force_torch else scan_backend(a, b)
     if b.dtype in _LOW_PRECISION:
         a, b = a.float(), b.float()
+    if a.dtype != b.dtype:
+        a = a.to(b.dtype)
     a, b = a.movedim(dim, 0), b.movedim(dim, 0)
+    if backend != "torch":
+        u = _kernel_scan(a, b, reverse, backend)
+        return u.movedim(0, dim).to(out_dtype)
     if reverse:
         a, b = a.flip(0), b.flip(0)
     u = _forward_scan(a, b)

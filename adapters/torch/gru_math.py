@@ -16,6 +16,11 @@ For a cotangent ``λ_t`` on ``h_t``:
     to h_{t-1}: dgh W_hh  (block)  +  λ ⊙ z  (residual)
 
 The adjoint ``w_t`` (total gradient on ``h_t``) solves ``w_t = ℓ_t + w_{t+1} (J + K)_{t+1}``.
+
+``GRUTape`` is the eager-torch reference; ``FastGRUTape`` (chosen by ``make_gru_tape``
+for CPU float32/float64 when the fused kernels built, ``hwbptt.torch.fused``) computes
+the same with one-pass kernels and no ``torch.cat`` copies; ``tests/test_fast_paths.py``
+compares them.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import torch
 
 from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint
 
-__all__ = ["GRUWeights", "GRUTape"]
+from . import fused
+
+__all__ = ["GRUWeights", "GRUTape", "FastGRUTape", "make_gru_tape"]
 
 
 @dataclass
@@ -109,3 +116,82 @@ class GRUTape:
         out["b_hh"] = dgh.sum((0, 1)) if needs["b_hh"] else None
         out["w_hr"] = None
         return out
+
+
+class FastGRUTape(GRUTape):
+    """``GRUTape`` on the fused CPU kernels; same methods and results."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, w: GRUWeights):
+        T, B = x.shape[:2]
+        H3, H = w.w_hh.shape
+        self.x, self.y, self.h0, self.w = x, y.contiguous(), h0, w
+        self._x2 = x.reshape(T * B, -1)
+        buf = x.new_empty((T + 1, B, H3))
+        buf[T].zero_()
+        gi = buf[:T]
+        if w.b_ih is not None:
+            torch.addmm(w.b_ih, self._x2, w.w_ih.t(), out=gi.view(T * B, H3))
+        else:
+            torch.mm(self._x2, w.w_ih.t(), out=gi.view(T * B, H3))
+        gh = x.new_empty((T, B, H3))
+        if T > 1:
+            if w.b_hh is not None:
+                torch.addmm(w.b_hh, self.y[:-1].view(-1, H), w.w_hh.t(), out=gh[1:].view(-1, H3))
+            else:
+                torch.mm(self.y[:-1].view(-1, H), w.w_hh.t(), out=gh[1:].view(-1, H3))
+        gh[0] = h0 @ w.w_hh.t() if w.b_hh is None else torch.addmm(w.b_hh, h0, w.w_hh.t())
+        fused.gru_gates(gi, gh)
+        self.gates, self._gh = gi, gh
+        self.r, self.z, self.n = gi.split(H, dim=-1)
+        self.gh_n = gh[..., 2 * H :]
+        self.z_next = buf[1:, :, H : 2 * H]  # a_t = z_{t+1}, zero at the last step
+
+    @property
+    def h_prev(self) -> torch.Tensor:
+        return torch.cat([self.h0.unsqueeze(0), self.y[:-1]])
+
+    def gate_grads(self, lam: torch.Tensor, t: int | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        if t != slice(None):
+            return super().gate_grads(lam, t)
+        dgi, dgh = fused.gru_dgates(lam, self.gates, self._gh, self.h0, self.y, with_input=True)
+        return dgi, dgh
+
+    def block(self, lam: torch.Tensor) -> torch.Tensor:
+        _, dgh = fused.gru_dgates(lam, self.gates, self._gh, self.h0, self.y, with_input=False)
+        T, B, H3 = dgh.shape
+        H = H3 // 3
+        q = dgh.new_empty((T, B, H))
+        q[-1].zero_()
+        if T > 1:
+            torch.mm(dgh[1:].view(-1, H3), self.w.w_hh, out=q[:-1].view(-1, H))
+        return q
+
+    def input_grads(self, w: torch.Tensor, needs: dict[str, bool]) -> dict[str, torch.Tensor | None]:
+        T, B = w.shape[:2]
+        dgi, dgh = self.gate_grads(w)
+        H3 = dgh.shape[-1]
+        H = H3 // 3
+        gi2, gh2 = dgi.view(T * B, H3), dgh.view(T * B, H3)
+        out: dict[str, torch.Tensor | None] = {}
+        out["x"] = torch.mm(gi2, self.w.w_ih).view(T, B, -1) if needs["x"] else None
+        out["h0"] = torch.mm(dgh[0], self.w.w_hh) + w[0] * self.z[0] if needs["h0"] else None
+        out["w_ih"] = gi2.t().mm(self._x2) if needs["w_ih"] else None
+        if needs["w_hh"]:
+            g = torch.mm(dgh[0].t(), self.h0)
+            if T > 1:
+                g.addmm_(dgh[1:].view(-1, H3).t(), self.y[:-1].view(-1, H))
+            out["w_hh"] = g
+        else:
+            out["w_hh"] = None
+        out["b_ih"] = gi2.sum(0) if needs["b_ih"] else None
+        out["b_hh"] = gh2.sum(0) if needs["b_hh"] else None
+        out["w_hr"] = None
+        return out
+
+
+def make_gru_tape(x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, w: GRUWeights) -> GRUTape:
+    """``FastGRUTape`` where the fused kernels take these tensors, else ``GRUTape``."""
+    tensors = [x, y, h0, w.w_ih, w.w_hh] + [t for t in (w.b_ih, w.b_hh) if t is not None]
+    if fused.supports(*tensors):
+        return FastGRUTape(x, y, h0, w)
+    return GRUTape(x, y, h0, w)

@@ -21,8 +21,8 @@ from torch.autograd.function import once_differentiable
 
 from hwbptt import HighwayOptions
 
-from .gru_math import GRUTape, GRUWeights
-from .lstm_math import LSTMTape, LSTMWeights, lstm_cell_states
+from .gru_math import GRUWeights, make_gru_tape
+from .lstm_math import LSTMWeights, lstm_cell_states, make_lstm_tape
 
 __all__ = ["lstm_layer", "gru_layer", "at_lengths", "reverse_within", "WEIGHT_NAMES"]
 
@@ -83,7 +83,7 @@ class _LSTMHighway(torch.autograd.Function):
                 c_last = c_n[0]
             else:
                 # The fused kernel's c_n is after the padding; the tape has every c_t.
-                tape = LSTMTape(x, y, h0, c0, LSTMWeights.from_flat(list(flat), has_bias, has_proj))
+                tape = make_lstm_tape(x, y, h0, c0, LSTMWeights.from_flat(list(flat), has_bias, has_proj))
                 c_last = at_lengths(tape.c, lengths)
         ctx.tape, ctx.lengths, ctx.options, ctx.sink, ctx.key = tape, lengths, options, sink, key
         ctx.layout = (has_bias, has_proj)
@@ -95,7 +95,7 @@ class _LSTMHighway(torch.autograd.Function):
     def backward(ctx, grad_y, grad_c_last):
         x, y, h0, c0, *flat = ctx.saved_tensors
         has_bias, has_proj = ctx.layout
-        tape = ctx.tape or LSTMTape(x, y, h0, c0, LSTMWeights.from_flat(flat, has_bias, has_proj))
+        tape = ctx.tape or make_lstm_tape(x, y, h0, c0, LSTMWeights.from_flat(flat, has_bias, has_proj))
         ctx.tape = None
         lc = _last_step_gradient(tape.c, grad_c_last, ctx.lengths)
         dc, wh, diagnostics = tape.highway(grad_y, lc, ctx.options)
@@ -122,7 +122,7 @@ class _GRUHighway(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, y, h0, *flat = ctx.saved_tensors
-        tape = GRUTape(x, y, h0, GRUWeights.from_flat(flat, ctx.has_bias))
+        tape = make_gru_tape(x, y, h0, GRUWeights.from_flat(flat, ctx.has_bias))
         w, diagnostics = tape.highway(grad_y, ctx.options)
         if ctx.sink is not None:
             ctx.sink[ctx.key] = diagnostics

@@ -24,6 +24,15 @@ Two ways to split a step into residual ``K`` and block ``J`` (``split`` option):
   ``dc = w^c + R(w^h)``; the whole step but ``c_{t-1} -> c_t`` (``diag f_t``) is a block.
 
 Both are exact after ``T`` iterations and exact on the last ``k+1`` steps after ``k``.
+
+Two implementations of the tape, compared by ``tests/test_fast_paths.py``:
+
+- ``LSTMTape``: eager torch, the readable reference;
+- ``FastLSTMTape`` (chosen by ``make_lstm_tape`` for CPU float32/float64 when the fused
+  kernels built, see ``hwbptt.torch.fused``): the gates written in place into one
+  buffer, the cell-state recurrence fused into the activation kernel, ``dpre`` in one
+  pass, no ``torch.cat`` copies for ``h_{t-1}``, ``c_{t-1}`` or the shifted products
+  (matmuls write into views), ``f_{t+1}`` a view into the gate buffer.
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ import torch
 
 from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint, linear_scan
 
-__all__ = ["LSTMWeights", "LSTMTape", "lstm_cell_states"]
+from . import fused
+
+__all__ = ["LSTMWeights", "LSTMTape", "FastLSTMTape", "make_lstm_tape", "lstm_cell_states"]
 
 
 @dataclass
@@ -125,6 +136,10 @@ class LSTMTape:
         """``dpre_t W_hh``: the block's gradient on ``h_{t-1}``, (T, B, P)."""
         return torch.matmul(dpre, self.w.w_hh)
 
+    def shifted_to_hidden(self, dpre: torch.Tensor) -> torch.Tensor:
+        """``dpre_{t+1} W_hh`` at step ``t``, zero at the last step."""
+        return TORCH_OPS.shift_next(self.to_hidden(dpre))
+
     # -- the adjoint -------------------------------------------------------------------
     def highway(self, lh: torch.Tensor, lc: torch.Tensor, options: HighwayOptions) -> tuple[torch.Tensor, torch.Tensor, Diagnostics]:
         """Highway-BP estimate of ``(dc, wh)`` from the local gradients ``ℓh``, ``ℓc``."""
@@ -134,7 +149,7 @@ class LSTMTape:
             wh_box = [lh]
 
             def block(dc: torch.Tensor) -> torch.Tensor:
-                q = TORCH_OPS.shift_next(self.to_hidden(self.dpre(dc, wh_box[0])))
+                q = self.shifted_to_hidden(self.dpre(dc, wh_box[0]))
                 wh_box[0] = lh + q
                 return self.readout(q)
 
@@ -208,3 +223,91 @@ class LSTMTape:
         else:
             out["w_hr"] = None
         return out
+
+
+class FastLSTMTape(LSTMTape):
+    """``LSTMTape`` on the fused CPU kernels (module docstring); same methods and results.
+
+    Holds the gates (one (T+1, B, 4H) buffer, whose extra zero row makes ``f_{t+1}`` a
+    view), ``c``, ``tanh c`` and the readout gain; ``h_prev`` and ``c_prev`` are built
+    only if a reference method asks for them.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w: LSTMWeights):
+        T, B = x.shape[:2]
+        H4, P = w.w_hh.shape
+        H = H4 // 4
+        self.x, self.y, self.h0, self.c0, self.w = x, y.contiguous(), h0, c0, w
+        self._x2 = x.reshape(T * B, -1)
+        buf = x.new_empty((T + 1, B, H4))
+        buf[T].zero_()
+        pre = buf[:T]
+        pre2 = pre.view(T * B, H4)
+        if w.b_ih is not None:
+            torch.addmm(w.b_ih + w.b_hh, self._x2, w.w_ih.t(), out=pre2)
+        else:
+            torch.mm(self._x2, w.w_ih.t(), out=pre2)
+        if T > 1:
+            pre[1:].view(-1, H4).addmm_(self.y[:-1].view(-1, P), w.w_hh.t())
+        pre[0].addmm_(h0, w.w_hh.t())
+        self.c, self.tanh_c, self.readout_gain = fused.lstm_gates(pre, c0)
+        self.gates = pre
+        self.i, self.f, self.g, self.o = pre.split(H, dim=-1)
+        self.f_next = buf[1:, :, H : 2 * H]  # a_t = f_{t+1}, zero at the last step
+
+    @property
+    def h_prev(self) -> torch.Tensor:
+        return torch.cat([self.h0.unsqueeze(0), self.y[:-1]])
+
+    @property
+    def c_prev(self) -> torch.Tensor:
+        return torch.cat([self.c0.unsqueeze(0), self.c[:-1]])
+
+    def dpre(self, dc: torch.Tensor, wh: torch.Tensor) -> torch.Tensor:
+        return fused.lstm_dpre(dc, self.to_m(wh), self.gates, self.c, self.c0, self.tanh_c)
+
+    def shifted_to_hidden(self, dpre: torch.Tensor) -> torch.Tensor:
+        T, B, H4 = dpre.shape
+        P = self.w.w_hh.shape[1]
+        q = dpre.new_empty((T, B, P))
+        q[-1].zero_()
+        if T > 1:
+            torch.mm(dpre[1:].view(-1, H4), self.w.w_hh, out=q[:-1].view(-1, P))
+        return q
+
+    def input_grads(self, dc: torch.Tensor, wh: torch.Tensor, needs: dict[str, bool]) -> dict[str, torch.Tensor | None]:
+        T, B = dc.shape[:2]
+        dpre = self.dpre(dc, wh)
+        H4 = dpre.shape[-1]
+        flat = dpre.view(T * B, H4)
+        P = self.w.w_hh.shape[1]
+        out: dict[str, torch.Tensor | None] = {}
+        out["x"] = torch.mm(flat, self.w.w_ih).view(T, B, -1) if needs["x"] else None
+        out["h0"] = torch.mm(dpre[0], self.w.w_hh) if needs["h0"] else None
+        out["c0"] = dc[0] * self.f[0] if needs["c0"] else None
+        out["w_ih"] = flat.t().mm(self._x2) if needs["w_ih"] else None
+        if needs["w_hh"]:
+            g = torch.mm(dpre[0].t(), self.h0)
+            if T > 1:
+                g.addmm_(dpre[1:].view(-1, H4).t(), self.y[:-1].view(-1, P))
+            out["w_hh"] = g
+        else:
+            out["w_hh"] = None
+        bias = flat.sum(0) if needs["b_ih"] or needs["b_hh"] else None
+        out["b_ih"] = bias if needs["b_ih"] else None
+        out["b_hh"] = (bias.clone() if needs["b_ih"] else bias) if needs["b_hh"] else None
+        if needs["w_hr"]:
+            m = self.o * self.tanh_c
+            out["w_hr"] = wh.reshape(T * B, -1).t().mm(m.reshape(T * B, -1))
+        else:
+            out["w_hr"] = None
+        return out
+
+
+def make_lstm_tape(x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w: LSTMWeights) -> LSTMTape:
+    """``FastLSTMTape`` where the fused kernels take these tensors, else ``LSTMTape``
+    (same results; ``hwbptt.kernels.status()`` says whether the kernels built)."""
+    tensors = [x, y, h0, c0, w.w_ih, w.w_hh] + [t for t in (w.b_ih, w.b_hh, w.w_hr) if t is not None]
+    if fused.supports(*tensors):
+        return FastLSTMTape(x, y, h0, c0, w)
+    return LSTMTape(x, y, h0, c0, w)

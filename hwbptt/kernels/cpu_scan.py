@@ -1,0 +1,80 @@
+"""The linear scan on CPU as one compiled pass: sequential over time, vectorised across
+lanes, the lanes split over the cores. Reads ``a`` and ``b`` once and writes ``u`` once
+(the fewest passes a scan can make). Its reference is ``hwbptt.scan.linear_scan_reference``;
+``hwbptt.scan`` dispatches here (see its docstring for when).
+
+Layout: time on dim 0, the lanes as ``(M, K)`` with stride 1 along ``K``; ``a`` and ``b``
+may have any strides on dims 0 and 1 (views into gate tensors need no copy); ``u`` is
+written contiguous. Forward: ``u_t = a_t u_{t-1} + b_t``; reverse: ``u_t = a_t u_{t+1} + b_t``.
+Time is the outer loop (each thread streams through its lanes row by row).
+``a`` at the first step of the scan (t = 0 forward, t = T-1 reverse) is never read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .cbuild import load, ptr, run_parallel
+
+__all__ = ["scan_3d", "available"]
+
+_SOURCE = r"""
+#include <stddef.h>
+#define SCAN(NAME, TYPE)                                                               \
+void NAME(long T, long K, long m_lo, long m_hi, int reverse,                           \
+          const TYPE* a, long saT, long saM, const TYPE* b, long sbT, long sbM,         \
+          TYPE* u, long M) {                                                            \
+  long t0 = reverse ? T - 1 : 0, step = reverse ? -1 : 1;                               \
+  for (long m = m_lo; m < m_hi; ++m) {                                                  \
+    const TYPE* restrict bb = b + t0 * sbT + m * sbM;                                   \
+    TYPE* restrict uu = u + (t0 * M + m) * K;                                           \
+    for (long k = 0; k < K; ++k) uu[k] = bb[k];                                         \
+  }                                                                                     \
+  for (long n = 1; n < T; ++n) {                                                        \
+    long t = t0 + n * step;                                                             \
+    for (long m = m_lo; m < m_hi; ++m) {                                                \
+      const TYPE* restrict aa = a + t * saT + m * saM;                                  \
+      const TYPE* restrict bt = b + t * sbT + m * sbM;                                  \
+      const TYPE* restrict up = u + ((t - step) * M + m) * K;                           \
+      TYPE* restrict ut = u + (t * M + m) * K;                                          \
+      for (long k = 0; k < K; ++k) ut[k] = aa[k] * up[k] + bt[k];                      \
+    }                                                                                   \
+  }                                                                                     \
+}
+SCAN(scan_f32, float)
+SCAN(scan_f64, double)
+"""
+
+_FUNCS: dict[torch.dtype, object] = {}
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def _lib():
+    lib = load("cpu_scan", _SOURCE)
+    if lib is not None and not _FUNCS:
+        L, P, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+        for dtype, name in ((torch.float32, "scan_f32"), (torch.float64, "scan_f64")):
+            fn = getattr(lib, name)
+            fn.argtypes = [L, L, L, L, I, P, L, L, P, L, L, P, L]
+            fn.restype = None
+            _FUNCS[dtype] = fn
+    return lib
+
+
+def scan_3d(a: torch.Tensor, b: torch.Tensor, reverse: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a``, ``b``: (T, M, K) CPU tensors of one dtype (float32/float64), stride 1 on K.
+    Returns ``u`` (T, M, K) contiguous (``out`` if given, which must not overlap ``a``)."""
+    if _lib() is None:
+        raise RuntimeError("the compiled CPU scan is unavailable; see hwbptt.kernels.status()")
+    T, M, K = b.shape
+    assert a.shape == b.shape and a.dtype == b.dtype and a.stride(2) == 1 and b.stride(2) == 1
+    u = torch.empty((T, M, K), dtype=b.dtype) if out is None else out
+    fn = _FUNCS[b.dtype]
+    args = (ptr(a), a.stride(0), a.stride(1), ptr(b), b.stride(0), b.stride(1), ptr(u), M)
+    run_parallel(lambda lo, hi: fn(T, K, lo, hi, int(reverse), *args), M, T * M * K)
+    return u
