@@ -1,0 +1,446 @@
+"""``python -m hwbptt study``: does Highway-BP train as well as BPTT, and how much sooner?
+
+Three experiments, every number measured in this process on this machine:
+
+1. ``recall`` (loss at the end of a long sequence): exact BPTT, Highway-BP at k = 1, 3, 10,
+   FPI (``gamma=1``) at k = 10 and truncated BPTT whose window has the same sequential
+   depth as k = 10 (k + 1 steps; on a parallel device each Highway iteration is one
+   batched VJP, so k + 1 sequential VJPs either way). Test accuracy, curves, and the
+   gradient's cosine to exact BPTT over training (the paper's Figure 6).
+2. ``charlm`` (character-level language model on the Python documentation topics, loss at
+   every step): validation bits per character against k = 0, 1, 3, 5, 10 and exact, and
+   the gradient cosine over training.
+3. ``schedule``: the ``tol`` mode and an ``IterationSchedule`` (k from 1 to 10) against
+   fixed k on the char LM: wall-clock time to reach BPTT's final training loss.
+
+Writes ``results.md`` (a Markdown summary with the tables), ``results.json`` and PNG
+figures under ``OUT/figures``. ``--quick`` runs a small version of everything (CI).
+``python -m hwbptt study --out docs`` regenerates the project's docs/results.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import platform
+import time
+
+import torch
+from torch.nn import functional as F
+
+from hwbptt import IterationSchedule
+
+from .common import (
+    ArgumentParser,
+    CharCorpus,
+    CharModel,
+    RecallTask,
+    RunRecord,
+    SequenceModel,
+    UsageError,
+    ensure_out_dir,
+    format_table,
+    load_corpus,
+    nonneg_int,
+    plot_curves,
+    positive_int,
+    run_cli,
+    save_json,
+    smooth,
+    tbptt_loss,
+    train,
+)
+
+PROG = "python -m hwbptt study"
+PARTS = ("recall", "charlm", "schedule")
+
+FULL = dict(recall_T=512, recall_H=32, recall_steps=500, char_T=256, char_H=128, char_steps=300, batch=32, cos_every=50)
+QUICK = dict(recall_T=96, recall_H=16, recall_steps=30, char_T=48, char_H=32, char_steps=12, batch=16, cos_every=10)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("--quick", action="store_true", help="a small version of every experiment (about a minute)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default all)")
+    p.add_argument("--recall-steps", type=positive_int, default=None, help="override the recall experiment's training steps")
+    p.add_argument("--char-steps", type=positive_int, default=None, help="override the char LM's training steps")
+    p.add_argument("--corpus", default=None, help="text file for the char LM (default: the Python documentation topics)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=nonneg_int, default=1, help="torch CPU threads (default 1; 0: torch's choice)")
+    p.add_argument("--out", default=os.path.join("results", "study"), help="output folder (default results/study)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+# ----------------------------------------------------------------------------- experiment 1
+
+
+def recall_experiment(cfg: dict, args, figures: str, progress: bool) -> dict:
+    task = RecallTask(cfg["recall_T"])
+    steps, B, K = cfg["recall_steps"], cfg["batch"], 10
+    torch.manual_seed(args.seed)
+    base = SequenceModel(task, cfg["recall_H"], iterations=None)
+    test_x, test_y = task.batch(512, torch.Generator().manual_seed(args.seed + 10_000))
+    probe_x, probe_y = task.batch(B, torch.Generator().manual_seed(args.seed + 20_000))
+
+    def probe(m):
+        return task.loss(m(probe_x), probe_y)
+
+    methods = [
+        ("BPTT", "bptt", None, 0.0, None),
+        ("Highway k=1", "highway", 1, 0.0, None),
+        ("Highway k=3", "highway", 3, 0.0, None),
+        (f"Highway k={K}", "highway", K, 0.0, None),
+        (f"FPI k={K}", "fpi", K, 1.0, None),
+        (f"truncated BPTT, window {K + 1}", "tbptt", None, 0.0, K + 1),
+    ]
+    records = []
+    for label, method, k, gamma, window in methods:
+        model = copy.deepcopy(base)
+        model.rnn.iterations, model.rnn.gamma = k, gamma
+        g = torch.Generator().manual_seed(args.seed + 1)
+
+        def step_loss(m, step, g=g, window=window):
+            x, y = task.batch(B, g)
+            out = tbptt_loss(m, x, window) if window else m(x)
+            return task.loss(out, y), task.accuracy(out, y)
+
+        rec = RunRecord(label, method, k)
+        train(model, step_loss, steps, rec, probe=probe if k is not None else None, cos_every=cfg["cos_every"], progress=progress)
+        with torch.no_grad():
+            out = model(test_x)
+        rec.eval = {"test_loss": float(task.loss(out, test_y)), "test_acc": float(task.accuracy(out, test_y))}
+        records.append(rec)
+
+    bptt = records[0]
+    rows = [
+        [
+            r.label,
+            f"{100 * r.eval['test_acc']:.1f}%",
+            f"{r.eval['test_loss']:.3f}",
+            f"{1000 * r.median_step:.1f}",
+            f"{bptt.median_step / r.median_step:.2f}x",
+            f"{r.cosine[-1]:.3f}" if r.cosine else "-",
+        ]
+        for r in records
+    ]
+    header = ["method", "test accuracy", "test loss", "ms/step", "speed-up vs BPTT", "grad cosine at end"]
+    plot_curves(
+        os.path.join(figures, "recall_accuracy.png"),
+        [(r.label, r.steps, smooth(r.acc, 25)) for r in records],
+        "training step",
+        "training accuracy (25-step mean)",
+        f"Recall at T={task.seq_len}, loss at the last step (chance 25%)",
+        hline=(0.25, "chance"),
+        ylim=(0, 1.02),
+    )
+    plot_curves(
+        os.path.join(figures, "recall_loss_vs_time.png"),
+        [(r.label, r.wall, smooth(r.loss, 25)) for r in records],
+        "training wall-clock time (s)",
+        "training loss (25-step mean)",
+        f"Recall at T={task.seq_len}: loss against time (this machine, CPU)",
+        hline=(task.chance, "chance"),
+    )
+    cos_runs = [r for r in records if r.cosine]
+    plot_curves(
+        os.path.join(figures, "recall_cosine.png"),
+        [(r.label, r.cos_steps, r.cosine) for r in cos_runs],
+        "training step",
+        "cosine of the gradient to exact BPTT",
+        f"Recall at T={task.seq_len}: gradient cosine over training",
+        ylim=(min(0.0, *(min(r.cosine) for r in cos_runs)) if cos_runs else 0.0, 1.02),
+    )
+    return {
+        "config": {"T": task.seq_len, "hidden": cfg["recall_H"], "batch": B, "steps": steps, "k": K},
+        "header": header,
+        "rows": rows,
+        "runs": [r.to_json() for r in records],
+        "figures": ["recall_accuracy.png", "recall_loss_vs_time.png", "recall_cosine.png"],
+    }
+
+
+# ----------------------------------------------------------------------------- experiments 2 and 3
+
+
+def _bpc(model, corpus: CharCorpus, B: int, seed: int, batches: int = 4) -> float:
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(batches):
+            x, y = corpus.batch(B, g, "valid")
+            logits = model(x)
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+    return total / batches / math.log(2)
+
+
+class CharSetup:
+    def __init__(self, cfg: dict, args):
+        text, source = load_corpus(args.corpus)
+        self.corpus = CharCorpus(text, cfg["char_T"], source)
+        self.cfg, self.args = cfg, args
+        torch.manual_seed(args.seed)
+        self.base = CharModel(self.corpus.vocab, cfg["char_H"], iterations=None)
+        px, py = self.corpus.batch(cfg["batch"], torch.Generator().manual_seed(args.seed + 20_000))
+        self.probe_batch = (px, py)
+        self.cache: dict[str, RunRecord] = {}
+
+    def probe(self, m):
+        x, y = self.probe_batch
+        logits = m(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def run(self, label: str, k, progress: bool, tol=None, schedule: bool = False, cos: bool = True) -> RunRecord:
+        if label in self.cache:
+            return self.cache[label]
+        cfg, corpus = self.cfg, self.corpus
+        model = copy.deepcopy(self.base)
+        model.rnn.iterations, model.rnn.tol = k, tol
+        if tol is not None:
+            model.rnn.diagnostics = True
+        g = torch.Generator().manual_seed(self.args.seed + 1)
+
+        def step_loss(m, step):
+            x, y = corpus.batch(cfg["batch"], g)
+            logits = m(x)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), None
+
+        on_step = None
+        if schedule:
+            sched = IterationSchedule(model, start=1, end=10, steps=max(1, cfg["char_steps"] * 2 // 3))
+            on_step = lambda step: sched.step()  # noqa: E731
+        rec = RunRecord(label, "schedule" if schedule else ("tol" if tol else ("bptt" if k is None else "highway")), k)
+        train(
+            model,
+            step_loss,
+            cfg["char_steps"],
+            rec,
+            lr=3e-3,
+            probe=self.probe if (cos and (k is not None or tol is not None)) else None,
+            cos_every=cfg["cos_every"],
+            on_step=on_step,
+            progress=progress,
+        )
+        rec.eval = {"valid_bpc": _bpc(model, corpus, cfg["batch"], self.args.seed + 30_000)}
+        self.cache[label] = rec
+        return rec
+
+
+def charlm_experiment(setup: CharSetup, figures: str, progress: bool) -> dict:
+    ks = [0, 1, 3, 5, 10]
+    bptt = setup.run("BPTT", None, progress)
+    records = [bptt] + [setup.run(f"Highway k={k}", k, progress) for k in ks]
+    header = ["k", "validation bits/char", "ms/step", "speed-up vs BPTT", "grad cosine (mean over training)"]
+    rows = []
+    for r in records:
+        mean_cos = f"{sum(r.cosine) / len(r.cosine):.4f}" if r.cosine else "-"
+        rows.append(
+            [
+                "exact (BPTT)" if r.k is None else r.k,
+                f"{r.eval['valid_bpc']:.3f}",
+                f"{1000 * r.median_step:.1f}",
+                f"{bptt.median_step / r.median_step:.2f}x",
+                mean_cos,
+            ]
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+    ax.plot(ks, [r.eval["valid_bpc"] for r in records[1:]], "o-", label="Highway-BP")
+    ax.axhline(bptt.eval["valid_bpc"], color="k", linestyle="--", label="exact BPTT")
+    ax.set_xlabel("Highway-BP iterations k")
+    ax.set_ylabel("validation bits per character")
+    ax.set_title(f"Char LM (T={setup.corpus.seq_len}, LSTM H={setup.cfg['char_H']}, {setup.cfg['char_steps']} steps)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(figures, "charlm_bpc_vs_k.png"))
+    plt.close(fig)
+    cos_runs = [r for r in records if r.cosine]
+    plot_curves(
+        os.path.join(figures, "charlm_cosine.png"),
+        [(r.label, r.cos_steps, r.cosine) for r in cos_runs],
+        "training step",
+        "cosine of the gradient to exact BPTT",
+        "Char LM: gradient cosine over training",
+    )
+    return {
+        "config": {"T": setup.corpus.seq_len, "hidden": setup.cfg["char_H"], "steps": setup.cfg["char_steps"], "corpus": setup.corpus.source},
+        "header": header,
+        "rows": rows,
+        "runs": [r.to_json() for r in records],
+        "figures": ["charlm_bpc_vs_k.png", "charlm_cosine.png"],
+    }
+
+
+def _time_to_reach(rec: RunRecord, target: float, window: int) -> float | None:
+    sm = smooth(rec.loss, window)
+    for t, v in zip(rec.wall, sm):
+        if v <= target:
+            return t
+    return None
+
+
+def schedule_experiment(setup: CharSetup, figures: str, progress: bool) -> dict:
+    bptt = setup.run("BPTT", None, progress)
+    runs = [
+        bptt,
+        setup.run("Highway k=3", 3, progress),
+        setup.run("Highway k=10", 10, progress),
+        setup.run("tol=0.01 (cap 20)", 20, progress, tol=0.01),
+        setup.run("schedule k=1..10", 1, progress, schedule=True),
+    ]
+    window = max(5, setup.cfg["char_steps"] // 15)
+    target = smooth(bptt.loss, window)[-1]
+    header = ["method", "time to BPTT's final loss (s)", "total training time (s)", "final loss", "mean k used", "validation bits/char"]
+    rows = []
+    for r in runs:
+        reach = _time_to_reach(r, target, window)
+        used = f"{sum(r.iters_used) / len(r.iters_used):.1f}" if r.iters_used else ("exact" if r.k is None else str(r.k) if r.method != "schedule" else "1→10")
+        rows.append(
+            [
+                r.label,
+                "not reached" if reach is None else f"{reach:.1f}",
+                f"{r.wall[-1]:.1f}",
+                f"{smooth(r.loss, window)[-1]:.3f}",
+                used,
+                f"{r.eval['valid_bpc']:.3f}",
+            ]
+        )
+    plot_curves(
+        os.path.join(figures, "schedule_loss_vs_time.png"),
+        [(r.label, r.wall, smooth(r.loss, window)) for r in runs],
+        "training wall-clock time (s)",
+        f"training loss ({window}-step mean)",
+        "Char LM: fixed k, tol mode and a k schedule against BPTT",
+        hline=(target, "BPTT's final loss"),
+    )
+    return {
+        "target_loss": target,
+        "window": window,
+        "header": header,
+        "rows": rows,
+        "runs": [r.to_json() for r in runs if r.label not in ("BPTT", "Highway k=3", "Highway k=10")],
+        "figures": ["schedule_loss_vs_time.png"],
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_markdown(path: str, results: dict, args, seconds: float) -> None:
+    quick = " --quick" if args.quick else ""
+    lines = [
+        "# Study: Highway-BP against BPTT, FPI and truncated BPTT",
+        "",
+        f"Measured on {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch thread(s), float32; one process, {seconds / 60:.1f} minutes"
+        + (" (**quick mode: small sizes, few steps; the numbers only show the pipeline works**)" if args.quick else "")
+        + ".",
+        "",
+        f"Regenerate: `python -m hwbptt study{quick} --out docs` (writes this file, `results.json` and `figures/`).",
+        "Time per step is the median over a run of forward + backward + optimiser update; speed-ups",
+        "are BPTT's median over this run's, in the same process. Highway-BP's backward on a CPU does",
+        "more arithmetic than the fused BPTT kernel (design note, section 6), so speed-ups below 1",
+        "are expected here; the paper's speed-ups come from parallel devices.",
+        "",
+    ]
+    if "recall" in results:
+        r = results["recall"]
+        c = r["config"]
+        lines += [
+            f"## 1. Loss at the end of a long sequence (recall, T={c['T']})",
+            "",
+            f"LSTM H={c['hidden']}, chrono-initialised gates, batch {c['batch']}, {c['steps']} Adam steps, the same",
+            "initial weights and batches for every method. Test set: 512 sequences. FPI is `gamma=1`;",
+            f"truncated BPTT keeps the last {c['k'] + 1} steps of the graph (the same sequential depth as k={c['k']}).",
+            "",
+            format_table(r["header"], r["rows"], markdown=True),
+            "",
+            "![recall accuracy](figures/recall_accuracy.png)",
+            "![recall loss against time](figures/recall_loss_vs_time.png)",
+            "![recall gradient cosine](figures/recall_cosine.png)",
+            "",
+        ]
+    if "charlm" in results:
+        r = results["charlm"]
+        c = r["config"]
+        lines += [
+            f"## 2. Character-level language model (T={c['T']}, loss at every step)",
+            "",
+            f"LSTM H={c['hidden']}, {c['steps']} Adam steps on {c['corpus']}; validation bits per character on",
+            "held-out text (the last 10%).",
+            "",
+            format_table(r["header"], r["rows"], markdown=True),
+            "",
+            "![bits per character against k](figures/charlm_bpc_vs_k.png)",
+            "![char LM gradient cosine](figures/charlm_cosine.png)",
+            "",
+        ]
+    if "schedule" in results:
+        r = results["schedule"]
+        lines += [
+            "## 3. `tol` mode and an iteration schedule against fixed k",
+            "",
+            f"The char LM of section 2. Target: BPTT's final training loss ({r['target_loss']:.3f}, {r['window']}-step mean);",
+            "time is training wall-clock time until the same running mean first reaches it.",
+            "",
+            format_table(r["header"], r["rows"], markdown=True),
+            "",
+            "![loss against time](figures/schedule_loss_vs_time.png)",
+            "",
+        ]
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+
+
+def run(args) -> int:
+    parts = [p for p in args.parts.replace(" ", "").split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise UsageError(f"unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.recall_steps:
+        cfg["recall_steps"] = args.recall_steps
+    if args.char_steps:
+        cfg["char_steps"] = args.char_steps
+    out = ensure_out_dir(args.out)
+    figures = ensure_out_dir(os.path.join(out, "figures"))
+    progress = not args.no_progress
+    setup = CharSetup(cfg, args) if ("charlm" in parts or "schedule" in parts) else None  # fails early on a bad corpus
+    started = time.perf_counter()
+    results: dict = {}
+    print(f"study{' (quick)' if args.quick else ''}: parts {', '.join(parts)}; torch threads {torch.get_num_threads()}")
+    if "recall" in parts:
+        results["recall"] = recall_experiment(cfg, args, figures, progress)
+        print("\nrecall:\n" + format_table(results["recall"]["header"], results["recall"]["rows"]))
+    if "charlm" in parts:
+        results["charlm"] = charlm_experiment(setup, figures, progress)
+        print("\nchar LM:\n" + format_table(results["charlm"]["header"], results["charlm"]["rows"]))
+    if "schedule" in parts:
+        results["schedule"] = schedule_experiment(setup, figures, progress)
+        print("\ntol and schedule:\n" + format_table(results["schedule"]["header"], results["schedule"]["rows"]))
+    seconds = time.perf_counter() - started
+    md = os.path.join(out, "results.md")
+    js = os.path.join(out, "results.json")
+    write_markdown(md, results, args, seconds)
+    save_json(js, {"program": "hwbptt study", "quick": args.quick, "config": cfg, "seconds": seconds, "torch": torch.__version__, "results": results})
+    print(f"\nwrote {md}\nwrote {js}\nwrote figures under {figures}\n(total {seconds:.0f} s)")
+    return 0
+
+
+def _main(argv):
+    return run(build_parser().parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run_cli(_main, argv, PROG)
+    except SystemExit as exc:
+        return int(exc.code or 0)
