@@ -51,6 +51,7 @@ __all__ = ["HighwayLSTM", "HighwayGRU"]
 
 def _nonfinite_at(t: torch.Tensor, time_dim: int) -> tuple[int, float] | None:
     """``(first time index, a bad value)`` of a non-finite entry of ``t``, or ``None``."""
+    t = t.detach()
     bad = ~torch.isfinite(t)
     if not bool(bad.any()):
         return None
