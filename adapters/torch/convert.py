@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -29,23 +30,46 @@ def highway_twin(module: nn.RNNBase, **options: Any) -> nn.RNNBase:
         setattr(twin, name, getattr(module, name))
     twin._init_flat_weights()
     twin.train(module.training)
+    # The same hook dictionaries (forward/backward/state-dict hooks registered on the old
+    # module keep firing, and their handles can still remove them).
+    for key, value in vars(module).items():
+        if key.startswith("_") and key.endswith("hooks") and isinstance(value, dict):
+            twin.__dict__[key] = value
     return twin
+
+
+def _warn_skipped(module: nn.Module, where: str) -> None:
+    if isinstance(module, (nn.LSTM, nn.GRU)) and not isinstance(module, tuple(_TWINS.values())):
+        warnings.warn(
+            f"convert: {where or 'the module'} is a {type(module).__name__}, a subclass of "
+            f"nn.{'LSTM' if isinstance(module, nn.LSTM) else 'GRU'} (e.g. with a parametrization such as "
+            "weight_norm, or a custom subclass): it is NOT converted and keeps training with BPTT.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def convert(module: nn.Module, **options: Any) -> nn.Module:
     """Replace, in place, every ``nn.LSTM`` and ``nn.GRU`` in ``module`` (exactly those
     classes, not subclasses) by ``HighwayLSTM``/``HighwayGRU`` with ``options``.
 
-    Parameters and ``state_dict`` keys are kept. Returns ``module`` (or its twin when
-    ``module`` itself is an ``nn.LSTM``/``nn.GRU``).
+    Parameters, hooks and ``state_dict`` keys are kept. Returns ``module`` (or its twin
+    when ``module`` itself is an ``nn.LSTM``/``nn.GRU``). A subclass of ``nn.LSTM``/``nn.GRU``
+    (a parametrized one included) is left as it is, with a ``UserWarning`` naming it.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(module).__name__}")
+    return _convert(module, "", options)
+
+
+def _convert(module: nn.Module, where: str, options: dict) -> nn.Module:
     if type(module) in _TWINS:
         return highway_twin(module, **options)
+    _warn_skipped(module, where)
     for name, child in module.named_children():
+        path = f"{where}.{name}" if where else name
         if type(child) in _TWINS:
             setattr(module, name, highway_twin(child, **options))
         else:
-            convert(child, **options)
+            _convert(child, path, options)
     return module
