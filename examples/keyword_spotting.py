@@ -100,13 +100,9 @@ def _fit(wave: torch.Tensor, seconds: float = 1.0) -> torch.Tensor:
 
 def synthesise(cache: str, words=WORDS, progress: bool = True, per_word: int | None = None) -> tuple[list[torch.Tensor], list[int], list[int]]:
     """Speak every word in every voice, variant, speed and pitch (a subset: one pitch
-    per (voice, variant, speed), cycled) with ``espeak-ng``; WAVs cached in ``cache``.
+    per (voice, variant, speed), cycled) with ``espeak-ng``; WAVs cached in ``cache``
+    (a complete cache needs no synthesiser).
     Returns waves, labels and a speaker-style id (voice×variant) for a held-out split."""
-    if shutil.which("espeak-ng") is None:
-        raise UsageError(
-            "espeak-ng is not installed: install it (apt-get install espeak-ng) to synthesise the spoken words, "
-            "or point --speech-commands at a local copy of Speech Commands"
-        )
     try:
         os.makedirs(cache, exist_ok=True)
     except OSError as exc:
@@ -125,6 +121,11 @@ def synthesise(cache: str, words=WORDS, progress: bool = True, per_word: int | N
         per = len(jobs) // len(words)
         keep = {round(i * per / per_word) for i in range(min(per_word, per))}
         jobs = [j for n, j in enumerate(jobs) if (n // len(words)) in keep]
+    if shutil.which("espeak-ng") is None and not all(os.path.exists(job[0]) for job in jobs):
+        raise UsageError(
+            "espeak-ng is not installed: install it (apt-get install espeak-ng) to synthesise the spoken words, "
+            "or point --speech-commands at a local copy of Speech Commands"
+        )
     waves, labels, groups = [], [], []
     for path, voice, speed, pitch, word, wi, group in tqdm(jobs, desc="spoken words", unit="clip", disable=not progress):
         if not os.path.exists(path):
