@@ -394,10 +394,18 @@ def set_highway(model: nn.Module, **options: Any) -> None:
                 setattr(m, name, value)
 
 
+def _recurrent_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the Highway layers (all parameters when there is none)."""
+    params = [p for m in model.modules() if hasattr(m, "highway_options") for p in m.parameters()]
+    return params or list(model.parameters())
+
+
 def grad_cosine(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> float:
-    """Cosine between the model's gradient (with its current Highway options) and the
-    exact BPTT gradient of a copy (``iterations=None``), on the same loss. Leaves the
-    model's ``.grad`` untouched."""
+    """Cosine between the gradient of the recurrent layers' parameters (with the model's
+    current Highway options) and the exact BPTT gradient of a copy (``iterations=None``),
+    on the same loss. Read-outs and embeddings are left out: the gradient reaching them
+    is the same in both (it does not cross the recurrence) and would inflate the cosine.
+    Leaves the model's ``.grad`` untouched."""
     saved = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     exact = copy.deepcopy(model)
     set_highway(exact, iterations=None, tol=None)
@@ -405,7 +413,9 @@ def grad_cosine(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) 
     for m in (model, exact):
         m.zero_grad(set_to_none=True)
         loss_fn(m).backward()
-        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in m.parameters()]))
+        grads.append(
+            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in _recurrent_parameters(m)])
+        )
     for p, g in zip(model.parameters(), saved):
         p.grad = g
     a, b = grads
