@@ -6,11 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from hypothesis import settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from hwbptt.torch import HighwayGRU, HighwayLSTM
+
+def scaled(fraction: float) -> int:
+    """A share of the active profile's ``max_examples`` (for the slower properties)."""
+    return max(4, int(settings.default.max_examples * fraction))
+
 
 PARENT = {"lstm": nn.LSTM, "gru": nn.GRU}
 HIGHWAY = {"lstm": HighwayLSTM, "gru": HighwayGRU}

@@ -16,6 +16,8 @@ tf = pytest.importorskip("tensorflow")
 
 from hwbptt.keras import HighwayRNN  # noqa: E402
 
+from _oracle import scaled  # noqa: E402
+
 FACTORIES = {
     "lstm": lambda H, **kw: keras.layers.LSTM(H, **kw),
     "gru": lambda H, **kw: keras.layers.GRU(H, **kw),
@@ -82,7 +84,7 @@ def assert_close(got, ref, dtype):
         assert err <= rtol * max(np.linalg.norm(r), 1e-3 * scale, 1e-300), err
 
 
-@settings(max_examples=8)
+@settings(max_examples=scaled(2 / 3))
 @given(case=keras_cases())
 def test_keras_exact_mode_matches_bptt(case):
     layer, x, mask, w = build(case)
@@ -91,7 +93,7 @@ def test_keras_exact_mode_matches_bptt(case):
     assert_close(got, ref, case["dtype"])
 
 
-@settings(max_examples=8)
+@settings(max_examples=scaled(2 / 3))
 @given(case=keras_cases(T_max=40), gamma=st.sampled_from([0.0, 0.5, 1.0]), split=st.sampled_from(["gates", "step"]))
 def test_keras_T_iterations_are_exact(case, gamma, split):
     layer, x, mask, w = build(case)
@@ -100,7 +102,7 @@ def test_keras_T_iterations_are_exact(case, gamma, split):
     assert_close(got, ref, case["dtype"])
 
 
-@settings(max_examples=8)
+@settings(max_examples=scaled(2 / 3))
 @given(case=keras_cases(go_backwards=False), k=st.integers(0, 8))
 def test_keras_last_k_plus_one_positions_exact(case, k):
     """Input gradient exact at steps t >= length-1-k after k iterations (masked steps

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _oracle import assert_grads_close, layer_cases, make_inputs, make_modules, rtol_for, run_and_grad, time_major
+from _oracle import assert_grads_close, layer_cases, scaled, make_inputs, make_modules, rtol_for, run_and_grad, time_major
 
 
 @given(case=layer_cases())
@@ -63,7 +63,7 @@ def test_last_k_plus_one_positions_exact(case, k, gamma, split):
         assert_grads_close(g_o, g_p, rtol_for(case.dtype, case.T))
 
 
-@settings(max_examples=8)
+@settings(max_examples=scaled(2 / 3))
 @given(case=layer_cases(T_max=40, dtypes=(torch.float64,)))
 def test_highway_forward_equals_parent(case):
     """The outputs and final states (the forward) are the parent's, in any mode."""
