@@ -554,9 +554,22 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]], markdown:
     return "\n".join(out)
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become ``null``: strict JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "to_json"):
+        return _finite(obj.to_json())
+    return obj
+
+
 def save_json(path: str, data: Any) -> None:
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, default=_json_default)
+        json.dump(_finite(data), fh, indent=1, default=_json_default, allow_nan=False)
 
 
 def _json_default(obj: Any) -> Any:

@@ -21,6 +21,7 @@ figures under ``OUT/figures``. ``--quick`` runs a small version of everything (C
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import platform
@@ -39,6 +40,7 @@ from .common import (
     RunRecord,
     SequenceModel,
     UsageError,
+    _finite,
     ensure_out_dir,
     format_table,
     load_corpus,
@@ -70,6 +72,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threads", type=nonneg_int, default=1, help="torch CPU threads (default 1; 0: torch's choice)")
     p.add_argument("--out", default=os.path.join("results", "study"), help="output folder (default results/study)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--render", metavar="JSON", default=None, help="only rewrite OUT/results.md from a saved results.json")
     return p
 
 
@@ -332,21 +335,78 @@ def schedule_experiment(setup: CharSetup, figures: str, progress: bool) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def write_markdown(path: str, results: dict, args, seconds: float) -> None:
-    quick = " --quick" if args.quick else ""
+def _findings(results: dict) -> list[str]:
+    """Plain sentences computed from the numbers of this run."""
+    out = []
+    if "recall" in results:
+        runs = {r["label"]: r for r in results["recall"]["runs"]}
+        bptt = results["recall"]["runs"][0]
+        b_acc = bptt["eval"]["test_acc"]
+        parts = []
+        for r in results["recall"]["runs"][1:]:
+            acc = r["eval"]["test_acc"]
+            verdict = "matches" if abs(acc - b_acc) <= 0.05 else ("beats" if acc > b_acc else "falls short of")
+            parts.append(f"{r['label']} {100 * acc:.1f}% ({verdict} BPTT)")
+        out.append(f"Recall (loss at the end): BPTT reached {100 * b_acc:.1f}% test accuracy; " + "; ".join(parts) + ".")
+        cos = [(lab, sum(r["cosine"]) / len(r["cosine"])) for lab, r in runs.items() if r["cosine"]]
+        if cos:
+            out.append("Mean gradient cosine to exact over training: " + ", ".join(f"{lab} {c:.3f}" for lab, c in cos) + ".")
+    if "charlm" in results:
+        runs = results["charlm"]["runs"]
+        b = runs[0]["eval"]["valid_bpc"]
+        close = [r["k"] for r in runs[1:] if r["eval"]["valid_bpc"] <= b + 0.02]
+        out.append(
+            f"Char LM: BPTT {b:.3f} bits/char; "
+            + ", ".join(f"k={r['k']} {r['eval']['valid_bpc']:.3f}" for r in runs[1:])
+            + (f"; the smallest k within 0.02 bits/char of BPTT is {min(close)}." if close else "; no k came within 0.02 bits/char of BPTT.")
+        )
+    if "schedule" in results:
+        rows = results["schedule"]["rows"]
+        reached = [(float(r[1]), r[0]) for r in rows[1:] if r[1] != "not reached"]
+        if reached:
+            t, lab = min(reached)
+            out.append(f"Time to BPTT's final char-LM loss: BPTT {rows[0][1]} s; the fastest Highway variant was {lab} ({t:.1f} s).")
+        else:
+            out.append(f"No Highway variant reached BPTT's final char-LM loss within the run (BPTT: {rows[0][1]} s).")
+    speeds = []
+    for key in ("recall", "charlm"):
+        if key in results:
+            base = results[key]["runs"][0]["median_step_s"]
+            speeds += [base / r["median_step_s"] for r in results[key]["runs"][1:] if r["method"] in ("highway", "fpi")]
+    if speeds:
+        out.append(
+            f"Speed on this CPU: Highway-BP steps ran at {min(speeds):.2f}x to {max(speeds):.2f}x BPTT's speed "
+            "(above 1 is faster); the fused CPU BPTT kernel is hard to beat on 2 cores (design note, section 6)."
+        )
+    return out
+
+
+def render_markdown(data: dict) -> str:
+    """The Markdown summary of a study's JSON (``results.json``)."""
+    results, quick, seconds = data["results"], data.get("quick", False), data.get("seconds", 0.0)
+    env = data.get("environment", {})
+    machine = env.get("machine", platform.machine())
+    cores = env.get("cores", os.cpu_count())
+    threads = env.get("threads", torch.get_num_threads())
     lines = [
         "# Study: Highway-BP against BPTT, FPI and truncated BPTT",
         "",
-        f"Measured on {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch thread(s), float32; one process, {seconds / 60:.1f} minutes"
-        + (" (**quick mode: small sizes, few steps; the numbers only show the pipeline works**)" if args.quick else "")
+        f"Measured on {machine} CPU, {cores} cores, torch {data.get('torch', torch.__version__)}, "
+        f"{threads} torch thread(s), float32; one process, {seconds / 60:.1f} minutes, one seed"
+        + (" (**quick mode: small sizes, few steps; the numbers only show the pipeline works**)" if quick else "")
         + ".",
         "",
-        f"Regenerate: `python -m hwbptt study{quick} --out docs` (writes this file, `results.json` and `figures/`).",
+        f"Regenerate: `python -m hwbptt study{' --quick' if quick else ''} --out docs` (writes this file, `results.json` and `figures/`).",
         "Time per step is the median over a run of forward + backward + optimiser update; speed-ups",
         "are BPTT's median over this run's, in the same process. Highway-BP's backward on a CPU does",
         "more arithmetic than the fused BPTT kernel (design note, section 6), so speed-ups below 1",
-        "are expected here; the paper's speed-ups come from parallel devices.",
+        "are expected here; the paper's speed-ups come from parallel devices. Gradient cosines are",
+        "over the recurrent layer's parameters, on a fixed batch, against a copy of the model with",
+        "`iterations=None` (exact BPTT).",
+        "",
+        "## Findings (computed from the numbers below)",
+        "",
+        *[f"- {line}" for line in _findings(results)],
         "",
     ]
     if "recall" in results:
@@ -394,11 +454,29 @@ def write_markdown(path: str, results: dict, args, seconds: float) -> None:
             "![loss against time](figures/schedule_loss_vs_time.png)",
             "",
         ]
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines))
+    return "\n".join(lines)
+
+
+def render_only(path: str, out: str) -> int:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"results file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read results file {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or data.get("program") != "hwbptt study" or "results" not in data:
+        raise UsageError(f"{path} is not a results.json written by the study")
+    md = os.path.join(ensure_out_dir(out), "results.md")
+    with open(md, "w", encoding="utf-8") as fh:
+        fh.write(render_markdown(data))
+    print(f"wrote {md}")
+    return 0
 
 
 def run(args) -> int:
+    if args.render:
+        return render_only(args.render, args.out)
     parts = [p for p in args.parts.replace(" ", "").split(",") if p]
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
@@ -429,8 +507,18 @@ def run(args) -> int:
     seconds = time.perf_counter() - started
     md = os.path.join(out, "results.md")
     js = os.path.join(out, "results.json")
-    write_markdown(md, results, args, seconds)
-    save_json(js, {"program": "hwbptt study", "quick": args.quick, "config": cfg, "seconds": seconds, "torch": torch.__version__, "results": results})
+    data = {
+        "program": "hwbptt study",
+        "quick": args.quick,
+        "config": cfg,
+        "seconds": seconds,
+        "torch": torch.__version__,
+        "environment": {"machine": platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
+        "results": results,
+    }
+    save_json(js, data)
+    with open(md, "w", encoding="utf-8") as fh:
+        fh.write(render_markdown(json.loads(json.dumps(_finite(data), default=str))))
     print(f"\nwrote {md}\nwrote {js}\nwrote figures under {figures}\n(total {seconds:.0f} s)")
     return 0
 
