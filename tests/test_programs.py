@@ -136,6 +136,11 @@ def test_study_quick(tmp_path, capsys):
     hw = next(r for r in data["recall"]["runs"] if r["label"] == "Highway k=10")
     assert fpi["cosine"][0] < hw["cosine"][0]
     assert len(data["schedule"]["rows"]) == 5
+    # the findings are computed from this run's numbers, and --render rewrites the same file
+    assert "## Findings" in md and f"BPTT reached {100 * data['recall']['runs'][0]['eval']['test_acc']:.1f}%" in md
+    again = tmp_path / "again"
+    assert study.main(["--render", str(out / "results.json"), "--out", str(again)]) == 0
+    assert (again / "results.md").read_text() == md
 
 
 @pytest.mark.parametrize(
@@ -144,6 +149,7 @@ def test_study_quick(tmp_path, capsys):
         (["--parts", "nothing"], "unknown part"),
         (["--corpus", "/nonexistent/corpus.txt"], "not found"),
         (["--recall-steps", "0"], "--recall-steps"),
+        (["--render", "/nonexistent/results.json"], "not found"),
     ],
 )
 def test_study_bad_input(argv, needle, tmp_path, capsys):
