@@ -423,7 +423,8 @@ def run_torch_suite(suite: str, T: int, B: int, H: int, ks: list[int | None], ar
         if extras:
             row["cosine"] = _cosine(_grads(f, params[name]), exact)
             # Measured at the end (PeakMemory changes allocation speed): keep what it needs.
-            args._memory_jobs.append((row, variants["bptt"][1], params["bptt"], f, params[name]))
+            if suite in ("lstm", "gru") or not args.quick:
+                args._memory_jobs.append((row, variants["bptt"][1], params["bptt"], f, params[name]))
         if suite in ("lstm", "gru"):
             cost = cost_model(suite, T, B, H, k)
             floor = cost["flops"] / machine["matmul_flops_per_s"] + cost["bytes"] / machine["copy_bytes_per_s"]
@@ -610,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     # Baselines that take seconds per step run fewer repeats (said in each row).
-    args._repeats_for = lambda suite: repeats if suite in ("lstm", "gru") else max(1, min(repeats, 2))
+    args._repeats_for = lambda suite: repeats if suite in ("lstm", "gru") else (1 if quick else max(1, min(repeats, 2)))
     args._packed_model = "lstm"
     args._memory_jobs = []
     scan_available(), fused.available()
@@ -628,12 +629,12 @@ def main(argv: list[str] | None = None) -> int:
         if suite in ("lstm", "gru"):
             plan += [(suite, T, B, H) for T in args.T for B in args.B for H in args.H]
         elif suite == "packed":
-            Tp = 256 if quick else max(args.T)
+            Tp = 128 if quick else max(args.T)
             plan += [("packed", Tp, 32, 128)]
         elif suite == "cell":
-            plan += [("cell", 4096, 8, 32)]
+            plan += [("cell", 1024 if quick else 4096, 8, 32)]
         elif suite == "lstmcell":
-            plan += [("lstmcell", 256 if quick else 1024, 32, 128)]
+            plan += [("lstmcell", 128 if quick else 1024, 32, 128)]
     total = sum((len(args.k) + 1) * (args.warmup + args._repeats_for(s)) for s, *_ in plan)
     rows: list[dict] = []
     notes: list[str] = []
@@ -645,10 +646,10 @@ def main(argv: list[str] | None = None) -> int:
                 ks = [3]
             rows += run_torch_suite(suite, T, B, H, ks, args, machine, bar)
     for suite in [s for s in args.suites if s.startswith("keras")]:
-        T = 1024 if suite == "keras-tf" else (128 if quick else 1024)
+        T = (256 if quick else 1024) if suite == "keras-tf" else (64 if quick else 1024)
         ks = [1, 3] if suite == "keras-tf" else [None, 3]
         print(f"{suite}: T={T}, B=32, H=128, k={ks} in a subprocess ...", file=sys.stderr)
-        krows, note = run_keras_suite(suite, T, 32, 128, ks, repeats=max(1, min(repeats, 2)), warmup=1)
+        krows, note = run_keras_suite(suite, T, 32, 128, ks, repeats=1 if quick else max(1, min(repeats, 2)), warmup=1)
         rows += krows
         if note:
             notes.append(note)

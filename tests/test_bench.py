@@ -1,0 +1,32 @@
+"""Smoke run of ``python -m hwbptt bench`` with minimal sizes: table, JSON and plot."""
+
+import json
+
+from hwbptt.programs import bench
+
+
+def test_bench_smoke(tmp_path, capsys):
+    rc = bench.main(["--suites", "lstm,gru", "--T", "12", "--B", "2", "--H", "4", "--k", "0,1,exact",
+                     "--repeats", "1", "--warmup", "0", "--ops-T", "4,8", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "compiled kernels" in out and "GPU projection" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    rows = data["rows"]
+    assert {(r["suite"], r["k"]) for r in rows} == {(s, k) for s in ("lstm", "gru") for k in ("0", "1", "exact")}
+    for r in rows:
+        for key in ("speedup", "bwd_speedup", "step_ms", "base_step_ms", "floor_multiple", "gpu_model_speedup"):
+            assert isinstance(r[key], float) and r[key] > 0, (key, r)
+        assert -1.0001 <= r["cosine"] <= 1.0001
+    assert next(r for r in rows if r["k"] == "exact")["cosine"] > 0.9999
+    assert data["op_counts"] and all(o["ops_T1"] > 0 for o in data["op_counts"])
+
+
+def test_bench_rejects_bad_flags(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main(["--k", "x"])
+    with pytest.raises(SystemExit):
+        bench.main(["--suites", "nope"])

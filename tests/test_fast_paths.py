@@ -1,0 +1,195 @@
+"""Every fast path against its reference: the compiled CPU scan against the sequential
+scan, the fused LSTM/GRU tapes against the eager tapes (values and gradients, odd
+lengths, T=1, non-contiguous inputs), and the layers end to end with and without them."""
+
+import shutil
+
+import pytest
+import torch
+
+from hwbptt import HighwayOptions, linear_scan, linear_scan_reference
+from hwbptt.kernels import cpu_scan
+from hwbptt.scan import linear_scan_torch, scan_backend
+from hwbptt.torch import HighwayGRU, HighwayLSTM, fused
+from hwbptt.torch.gru_math import FastGRUTape, GRUTape, GRUWeights, make_gru_tape
+from hwbptt.torch.lstm_math import FastLSTMTape, LSTMTape, LSTMWeights, make_lstm_tape
+
+HAVE_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
+needs_kernels = pytest.mark.skipif(not (cpu_scan.available() and fused.available()), reason="no C compiler: kernels not built")
+
+
+def test_kernels_build_where_a_compiler_exists():
+    if HAVE_CC:
+        assert cpu_scan.available() and fused.available()
+
+
+def _tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+
+
+# ----------------------------------------------------------------------------- scan
+
+
+@needs_kernels
+@pytest.mark.parametrize("T", [1, 2, 7, 33, 257])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_scan_matches_reference(T, reverse, dtype):
+    g = torch.Generator().manual_seed(T)
+    a = torch.rand(T, 3, 37, generator=g, dtype=dtype)
+    b = torch.randn(T, 3, 37, generator=g, dtype=dtype)
+    assert scan_backend(a, b) == "cpu-kernel"
+    torch.testing.assert_close(linear_scan(a, b, reverse=reverse), linear_scan_reference(a, b, reverse=reverse), **_tol(dtype))
+
+
+@needs_kernels
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpu_scan_noncontiguous_strided_broadcast(reverse):
+    g = torch.Generator().manual_seed(1)
+    big = torch.rand(21, 4, 40, generator=g, dtype=torch.float64)
+    a = big[:, :, 5:15]  # strided view, as the tapes pass f_{t+1}
+    b = torch.randn(10, 4, 21, generator=g, dtype=torch.float64).permute(2, 1, 0)  # non-contiguous
+    torch.testing.assert_close(linear_scan(a, b, reverse=reverse), linear_scan_reference(a.contiguous(), b.contiguous(), reverse=reverse))
+    s = torch.rand(1, 1, dtype=torch.float64)  # broadcast multiplier
+    bb = torch.randn(50, 300, dtype=torch.float64)  # few rows of many lanes (split along lanes)
+    torch.testing.assert_close(linear_scan(s, bb, reverse=reverse), linear_scan_reference(s.expand_as(bb), bb, reverse=reverse))
+    # time on another dim
+    x = torch.randn(6, 19, dtype=torch.float64)
+    y = torch.rand(6, 19, dtype=torch.float64)
+    torch.testing.assert_close(linear_scan(y, x, reverse=reverse, dim=1), linear_scan_reference(y, x, reverse=reverse, dim=1))
+
+
+def test_scan_with_autograd_takes_the_differentiable_path():
+    a = torch.rand(9, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    assert scan_backend(a, b) == "torch"
+    assert torch.autograd.gradcheck(lambda a, b: linear_scan(a, b, reverse=True), (a, b))
+    with torch.no_grad():
+        torch.testing.assert_close(linear_scan(a, b), linear_scan_torch(a, b))
+
+
+@needs_kernels
+def test_cpu_scan_half_precision_accumulates_in_float32():
+    a = torch.rand(40, 8).half()
+    b = torch.randn(40, 8).half()
+    out = linear_scan(a, b)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), linear_scan_reference(a.float(), b.float()), rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- tapes
+
+
+def _lstm_case(T, B, I, H, P, bias, dtype, seed=0, noncontig=True):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype) * 0.5  # noqa: E731
+    P_ = P or H
+    w = LSTMWeights(r(4 * H, I), r(4 * H, P_), r(4 * H) if bias else None, r(4 * H) if bias else None, r(P, H) if P else None)
+    x = r(B, T, I).transpose(0, 1) if noncontig else r(T, B, I)
+    y = r(T, B, P_)
+    h0, c0 = r(B, P_), r(B, H)
+    return x, y, h0, c0, w
+
+
+NEEDS_ALL = {n: True for n in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")}
+
+
+@needs_kernels
+@pytest.mark.parametrize("T", [1, 2, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias,proj", [(True, 0), (False, 0), (True, 3)])
+@pytest.mark.parametrize("split", ["gates", "step"])
+def test_fast_lstm_tape_matches_reference(T, dtype, bias, proj, split):
+    x, y, h0, c0, w = _lstm_case(T, 3, 5, 6, proj, bias, dtype, seed=T)
+    ref, fast = LSTMTape(x, y, h0, c0, w), FastLSTMTape(x, y, h0, c0, w)
+    tol = _tol(dtype)
+    for name in ("gates", "c", "tanh_c", "readout_gain", "f_next", "c_prev", "h_prev"):
+        torch.testing.assert_close(getattr(fast, name), getattr(ref, name), **tol)
+    P = proj or 6
+    lh = torch.randn(3, T, P, dtype=dtype).transpose(0, 1)  # non-contiguous cotangent
+    lc = torch.zeros(T, 3, 6, dtype=dtype)
+    lc[-1] = torch.randn(3, 6, dtype=dtype)
+    for k in (0, 1, 3):
+        opts = HighwayOptions(iterations=k, split=split)
+        dc_r, wh_r, _ = ref.highway(lh, lc, opts)
+        dc_f, wh_f, _ = fast.highway(lh, lc, opts)
+        torch.testing.assert_close(dc_f, dc_r, **tol)
+        torch.testing.assert_close(wh_f, wh_r, **tol)
+        needs = dict(NEEDS_ALL, b_ih=bias, b_hh=bias, w_hr=bool(proj))
+        g_r, g_f = ref.input_grads(dc_r, wh_r, needs), fast.input_grads(dc_f, wh_f, needs)
+        for n in g_r:
+            if g_r[n] is None:
+                assert g_f[n] is None, n
+            else:
+                torch.testing.assert_close(g_f[n], g_r[n], **tol, msg=n)
+
+
+@needs_kernels
+@pytest.mark.parametrize("T", [1, 2, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_gru_tape_matches_reference(T, dtype, bias):
+    g = torch.Generator().manual_seed(T)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype) * 0.5  # noqa: E731
+    H, I, B = 6, 5, 3
+    w = GRUWeights(r(3 * H, I), r(3 * H, H), r(3 * H) if bias else None, r(3 * H) if bias else None)
+    x, y, h0 = r(B, T, I).transpose(0, 1), r(T, B, H), r(B, H)
+    ref, fast = GRUTape(x, y, h0, w), FastGRUTape(x, y, h0, w)
+    tol = _tol(dtype)
+    for name in ("r", "z", "n", "gh_n", "z_next", "h_prev"):
+        torch.testing.assert_close(getattr(fast, name), getattr(ref, name), **tol)
+    lh = r(B, T, H).transpose(0, 1)
+    torch.testing.assert_close(fast.block(lh), ref.block(lh), **tol)
+    for k in (0, 1, 3):
+        opts = HighwayOptions(iterations=k)
+        w_r, _ = ref.highway(lh, opts)
+        w_f, _ = fast.highway(lh, opts)
+        torch.testing.assert_close(w_f, w_r, **tol)
+        needs = dict(NEEDS_ALL, b_ih=bias, b_hh=bias, w_hr=False)
+        g_r, g_f = ref.input_grads(w_r, needs), fast.input_grads(w_f, needs)
+        for n in g_r:
+            if g_r[n] is None:
+                assert g_f[n] is None, n
+            else:
+                torch.testing.assert_close(g_f[n], g_r[n], **tol, msg=n)
+
+
+@needs_kernels
+def test_tape_choice():
+    x, y, h0, c0, w = _lstm_case(4, 2, 3, 4, 0, True, torch.float32)
+    assert type(make_lstm_tape(x, y, h0, c0, w)) is FastLSTMTape
+    assert type(make_lstm_tape(x.half(), y.half(), h0.half(), c0.half(), LSTMWeights(*(t.half() for t in (w.w_ih, w.w_hh, w.b_ih, w.b_hh)), None))) is LSTMTape
+    assert type(make_gru_tape(torch.randn(4, 2, 3), torch.randn(4, 2, 4), torch.randn(2, 4), GRUWeights(torch.randn(12, 3), torch.randn(12, 4), None, None))) is FastGRUTape
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        assert type(make_lstm_tape(xg, y, h0, c0, w)) is LSTMTape  # a graph wanted: eager path
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@needs_kernels
+@pytest.mark.parametrize("cls", [HighwayLSTM, HighwayGRU])
+@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("packed", [False, True])
+def test_layers_fast_equals_reference(monkeypatch, cls, T, packed):
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(T)
+    m = cls(4, 5, num_layers=2, bidirectional=True, batch_first=True, iterations=2).double()
+    x = torch.randn(3, T, 4, dtype=torch.float64, requires_grad=True)
+
+    def grads():
+        m.zero_grad()
+        x.grad = None
+        inp = pack_padded_sequence(x, torch.tensor([T, max(1, T - 3), max(1, T // 2)]), batch_first=True, enforce_sorted=False) if packed else x
+        out, _ = m(inp)
+        data = out.data if packed else out
+        (data * torch.linspace(-1, 1, data.numel(), dtype=data.dtype).view_as(data)).sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+
+    fast = grads()
+    monkeypatch.setattr(fused, "supports", lambda *t: False)
+    slow = grads()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
