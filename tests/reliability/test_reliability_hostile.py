@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
-import time
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -327,48 +330,70 @@ def test_jit_trace(cls, parent):
     torch.testing.assert_close(gx, torch.autograd.grad((ref(x2)[0] * w).sum(), x2)[0])
 
 
-class _Net(nn.Module):
-    def __init__(self, cls, layers):
-        super().__init__()
-        self.inp = nn.Linear(3, 5)
-        self.rnn = cls(5, 6, num_layers=layers, iterations=2, batch_first=True)
-        self.head = nn.Linear(6, 1)
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import copy, json, sys, time, warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    from torch import nn
+    from hwbptt.torch import HighwayGRU, HighwayLSTM
+    cls = {"HighwayLSTM": HighwayLSTM, "HighwayGRU": HighwayGRU}[sys.argv[1]]
+    backend = sys.argv[2]
 
-    def forward(self, x):
-        return self.head(self.rnn(torch.tanh(self.inp(x)))[0]).pow(2).mean()
+    class Net(nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.inp = nn.Linear(3, 5)
+            self.rnn = cls(5, 6, num_layers=layers, iterations=2, batch_first=True)
+            self.head = nn.Linear(6, 1)
 
+        def forward(self, x):
+            return self.head(self.rnn(torch.tanh(self.inp(x)))[0]).pow(2).mean()
 
-# inductor builds C++ kernels (about a minute on 2 cores): one model there, both via aot_eager
-@pytest.mark.parametrize("cls, backend", [(HighwayLSTM, "aot_eager"), (HighwayGRU, "aot_eager"), (HighwayLSTM, "inductor")],
-                         ids=["lstm-aot_eager", "gru-aot_eager", "lstm-inductor"])
-def test_torch_compile_same_gradients(cls, backend):
-    """torch.compile of a model holding Highway layers (graph breaks allowed around the
-    autograd.Function): same loss and gradients as eager, in bounded time."""
     torch.manual_seed(0)
-    net = _Net(cls, layers=2 if backend == "aot_eager" else 1)
+    net = Net(2 if backend == "aot_eager" else 1)
     x = torch.randn(4, 20, 3)
     loss = net(x)
     loss.backward()
     eager = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    torch._dynamo.reset()
     start = time.monotonic()
     compiled = torch.compile(net, backend=backend)
     loss_c = compiled(x)
     loss_c.backward()
-    assert time.monotonic() - start < 240
-    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
-    for p, g in zip(net.parameters(), eager):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
-    # changing an option between steps takes effect in the compiled model too
+    seconds = time.monotonic() - start
+    errs = [float((loss_c - loss).abs())] + [float((p.grad - g).abs().max() / g.abs().max()) for p, g in zip(net.parameters(), eager)]
+    # an option changed between steps takes effect in the compiled model too
     net.rnn.iterations = None
     net.zero_grad()
     compiled(x).backward()
-    net_exact = copy.deepcopy(net)
-    net_exact.zero_grad()
-    net_exact(x).backward()
-    for p, q in zip(net.parameters(), net_exact.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    ref = copy.deepcopy(net)
+    ref.zero_grad()
+    ref(x).backward()
+    errs_exact = [float((p.grad - q.grad).abs().max() / q.grad.abs().max()) for p, q in zip(net.parameters(), ref.parameters())]
+    highway_vs_exact = max(float((g - q.grad).abs().max() / q.grad.abs().max()) for g, q in zip(eager, ref.parameters()))
+    print(json.dumps({"seconds": seconds, "errs": errs, "errs_exact": errs_exact, "highway_vs_exact": highway_vs_exact}))
+    """
+)
+
+
+# In a fresh interpreter: importing Triton (torch.compile does) after TensorFlow segfaults
+# in this environment (docs/reliability.md), and the Keras tests import TensorFlow.
+# inductor builds C++ kernels (about a minute on 2 cores): one model there, both via aot_eager.
+@pytest.mark.parametrize("cls, backend", [(HighwayLSTM, "aot_eager"), (HighwayGRU, "aot_eager"), (HighwayLSTM, "inductor")],
+                         ids=["lstm-aot_eager", "gru-aot_eager", "lstm-inductor"])
+def test_torch_compile_same_gradients(cls, backend):
+    """torch.compile of a model holding Highway layers (graph breaks allowed around the
+    autograd.Function): same loss and gradients as eager, in bounded time; an option
+    changed between steps takes effect."""
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, cls.__name__, backend],
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["seconds"] < 300
+    assert max(result["errs"]) <= 1e-4, result["errs"]
+    assert max(result["errs_exact"]) <= 1e-4, result["errs_exact"]
+    assert result["highway_vs_exact"] > 1e-4  # the option really switched the gradient
 
 
 # ----------------------------------------------------------------------------- convert

@@ -101,17 +101,36 @@ def test_copies_keep_options_and_gradients(how):
     assert all(p is not q for p, q in zip(m.parameters(), dup.parameters()))
 
 
-def test_torch_compile_same_gradients():
-    m, _ = pair("gru", iterations=2)
-    x, w = torch.randn(6, 2, 3, dtype=torch.float64), torch.randn(6, 2, 4, dtype=torch.float64)
-    eager = highway_grads(m, x, w)
-    torch._dynamo.reset()
-    compiled = torch.compile(m, backend="aot_eager")
+_COMPILE_SCRIPT = """
+import json, warnings
+warnings.filterwarnings("ignore")
+import torch
+from torch import nn
+from hwbptt.torch import HighwayRNN
+torch.manual_seed(0)
+cell = nn.GRUCell(3, 4, dtype=torch.float64)
+m = HighwayRNN(cell, iterations=2)
+x, w = torch.randn(6, 2, 3, dtype=torch.float64), torch.randn(6, 2, 4, dtype=torch.float64)
+def grads(fn):
     xx = x.clone().requires_grad_(True)
     m.zero_grad()
-    (compiled(xx)[0] * w).sum().backward()
-    for a, b in zip([xx.grad] + [p.grad for p in m.cell.parameters()], eager):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    (fn(xx)[0] * w).sum().backward()
+    return [xx.grad] + [p.grad for p in cell.parameters()]
+eager = grads(m)
+compiled = grads(torch.compile(m, backend="aot_eager"))
+print(json.dumps({"err": max(float((a - b).abs().max()) for a, b in zip(compiled, eager))}))
+"""
+
+
+def test_torch_compile_same_gradients():
+    """In a fresh interpreter (Triton after TensorFlow segfaults here; see the docs)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["err"] <= 1e-12
 
 
 @pytest.mark.xfail(strict=True, reason="cell.py: _flat/_unflat reshape (T, B, -1) with B = 0 is ambiguous. Fix: reshape "
