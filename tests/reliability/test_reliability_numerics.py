@@ -261,20 +261,21 @@ def test_bfloat16_autocast_backward_inside_the_context(cls, parent):
 
 
 @pytest.mark.parametrize("cls, parent", PAIRS, ids=IDS)
-def test_bfloat16_module_within_tolerance_of_float64(cls, parent):
-    """A bfloat16 layer (parameters and input in bfloat16, the scan accumulating in
-    float32): gradients within 5e-2 of float64 BPTT after T iterations."""
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_bfloat16_module_within_tolerance_of_float64(cls, parent, half):
+    """A bfloat16 or float16 layer (parameters and input in half precision, the scan
+    accumulating in float32): gradients within 5e-2 of float64 BPTT after T iterations."""
     T, B, I, H = 30, 3, 4, 6
     ours, ref32 = twins(cls, parent, I, H, dtype=torch.float32, iterations=T)
     ref64 = parent(I, H, dtype=torch.float64)
     ref64.load_state_dict(ref32.state_dict())
-    ours = ours.to(torch.bfloat16)
+    ours = ours.to(half)
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(T, B, I, generator=g), torch.randn(T, B, H, generator=g)
     exact = grads(ref64, x.double(), w.double())
-    got = grads(ours, x.bfloat16(), w.bfloat16())
+    got = grads(ours, x.to(half), w.to(half))
     for a, e in zip(got, exact):
-        assert a.dtype == torch.bfloat16
+        assert a.dtype == half
         assert torch.isfinite(a).all()
         assert rel(a, e) <= 5e-2, rel(a, e)
 

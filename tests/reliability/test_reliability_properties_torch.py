@@ -31,11 +31,19 @@ def test_exact_mode_matches_bptt(case):
        split=st.sampled_from(["gates", "step"]))
 def test_T_iterations_are_exact(case, extra, gamma, split):
     """The estimate's error reaches zero by k = T (and stays there beyond)."""
-    ours, parent = make_modules(case, iterations=case.T + extra, gamma=gamma, split=split)
+    ours, parent = make_modules(case, iterations=case.T + extra, gamma=gamma, split=split, diagnostics="debug")
     x, hx = make_inputs(case)
     _, _, g_o = run_and_grad(case, ours, x, hx)
     _, _, g_p = run_and_grad(case, parent, x, hx)
     assert_grads_close(g_o, g_p, rtol_for(case.dtype, case.T))
+    # the diagnostics agree: every layer and direction ran T iterations (capped there) and
+    # its estimate's cosine to the exact adjoint is 1
+    steps = case.T if case.lengths is None else max(case.lengths)
+    assert sorted(ours.last_diagnostics) == [(l, d) for l in range(case.num_layers) for d in range(case.D)]
+    for key, diag in ours.last_diagnostics.items():
+        assert diag.iterations == steps, key
+        if diag.cosine == diag.cosine:  # NaN only for an all-zero adjoint
+            assert diag.cosine >= 1 - (1e-9 if case.dtype == torch.float64 else 1e-5), (key, diag.cosine)
 
 
 @given(case=layer_cases(unidirectional=True), k=st.integers(0, 12), gamma=st.sampled_from([0.0, 0.5, 1.0]),
