@@ -46,7 +46,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--hidden", type=positive_int, default=32, help="hidden units (default 32)")
     p.add_argument("--batch", type=positive_int, default=32, help="batch size (default 32)")
     p.add_argument(
-        "--iterations", type=iterations_list, default=[1, 3, 10], help="Highway-BP iterations k, comma-separated (default 1,3,10)"
+        "--iterations", type=iterations_list, default=[0, 1, 3, 10], help="Highway-BP iterations k, comma-separated (default 0,1,3,10)"
     )
     p.add_argument("--cell", choices=("lstm", "gru"), default="lstm", help="recurrent cell (default lstm)")
     p.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate (default 0.01)")

@@ -57,8 +57,8 @@ from .common import (
 PROG = "python -m hwbptt study"
 PARTS = ("recall", "charlm", "schedule")
 
-FULL = dict(recall_T=512, recall_H=32, recall_steps=500, char_T=256, char_H=128, char_steps=300, batch=32, cos_every=50)
-QUICK = dict(recall_T=96, recall_H=16, recall_steps=30, char_T=48, char_H=32, char_steps=12, batch=16, cos_every=10)
+FULL = dict(recall_T=512, recall_H=32, recall_steps=500, recall_seeds=3, char_T=256, char_H=128, char_steps=300, batch=32, cos_every=50)
+QUICK = dict(recall_T=96, recall_H=16, recall_steps=30, recall_seeds=1, char_T=48, char_H=32, char_steps=12, batch=16, cos_every=10)
 
 
 def build_parser() -> ArgumentParser:
@@ -66,6 +66,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small version of every experiment (about a minute)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default all)")
     p.add_argument("--recall-steps", type=positive_int, default=None, help="override the recall experiment's training steps")
+    p.add_argument("--seeds", type=positive_int, default=None, help="seeds for the recall experiment (default 3; --quick 1)")
     p.add_argument("--char-steps", type=positive_int, default=None, help="override the char LM's training steps")
     p.add_argument("--corpus", default=None, help="text file for the char LM (default: the Python documentation topics)")
     p.add_argument("--seed", type=int, default=0)
@@ -98,23 +99,33 @@ def recall_experiment(cfg: dict, args, figures: str, progress: bool) -> dict:
         (f"FPI k={K}", "fpi", K, 1.0, None),
         (f"truncated BPTT, window {K + 1}", "tbptt", None, 0.0, K + 1),
     ]
+    seeds = [args.seed + i for i in range(cfg["recall_seeds"])]
     records = []
-    for label, method, k, gamma, window in methods:
-        model = copy.deepcopy(base)
-        model.rnn.iterations, model.rnn.gamma = k, gamma
-        g = torch.Generator().manual_seed(args.seed + 1)
+    accs: dict[str, list[float]] = {m[0]: [] for m in methods}
+    for seed in seeds:
+        first = seed == seeds[0]
+        if not first:  # a fresh initialisation and batch stream; accuracy only
+            torch.manual_seed(seed)
+            base = SequenceModel(task, cfg["recall_H"], iterations=None)
+        for label, method, k, gamma, window in methods:
+            model = copy.deepcopy(base)
+            model.rnn.iterations, model.rnn.gamma = k, gamma
+            g = torch.Generator().manual_seed(seed + 1)
 
-        def step_loss(m, step, g=g, window=window):
-            x, y = task.batch(B, g)
-            out = tbptt_loss(m, x, window) if window else m(x)
-            return task.loss(out, y), task.accuracy(out, y)
+            def step_loss(m, step, g=g, window=window):
+                x, y = task.batch(B, g)
+                out = tbptt_loss(m, x, window) if window else m(x)
+                return task.loss(out, y), task.accuracy(out, y)
 
-        rec = RunRecord(label, method, k)
-        train(model, step_loss, steps, rec, probe=probe if k is not None else None, cos_every=cfg["cos_every"], progress=progress)
-        with torch.no_grad():
-            out = model(test_x)
-        rec.eval = {"test_loss": float(task.loss(out, test_y)), "test_acc": float(task.accuracy(out, test_y))}
-        records.append(rec)
+            rec = RunRecord(label if first else f"{label} (seed {seed})", method, k)
+            use_probe = probe if (first and k is not None) else None
+            train(model, step_loss, steps, rec, probe=use_probe, cos_every=cfg["cos_every"], progress=progress)
+            with torch.no_grad():
+                out = model(test_x)
+            rec.eval = {"test_loss": float(task.loss(out, test_y)), "test_acc": float(task.accuracy(out, test_y)), "seed": seed}
+            accs[label].append(rec.eval["test_acc"])
+            if first:
+                records.append(rec)
 
     bptt = records[0]
     rows = [
@@ -125,10 +136,21 @@ def recall_experiment(cfg: dict, args, figures: str, progress: bool) -> dict:
             f"{1000 * r.median_step:.1f}",
             f"{bptt.median_step / r.median_step:.2f}x",
             f"{r.cosine[-1]:.3f}" if r.cosine else "-",
+            " / ".join(f"{100 * a:.0f}" for a in accs[r.label]),
+            f"{sum(a >= 0.95 for a in accs[r.label])} of {len(seeds)}",
         ]
         for r in records
     ]
-    header = ["method", "test accuracy", "test loss", "ms/step", "speed-up vs BPTT", "grad cosine at end"]
+    header = [
+        "method",
+        "test accuracy",
+        "test loss",
+        "ms/step",
+        "speed-up vs BPTT",
+        "grad cosine at end",
+        f"test accuracy % (seeds {seeds[0]}..{seeds[-1]})",
+        "solved (>= 95%)",
+    ]
     plot_curves(
         os.path.join(figures, "recall_accuracy.png"),
         [(r.label, r.steps, smooth(r.acc, 25)) for r in records],
@@ -156,7 +178,8 @@ def recall_experiment(cfg: dict, args, figures: str, progress: bool) -> dict:
         ylim=(min(0.0, *(min(r.cosine) for r in cos_runs)) if cos_runs else 0.0, 1.02),
     )
     return {
-        "config": {"T": task.seq_len, "hidden": cfg["recall_H"], "batch": B, "steps": steps, "k": K},
+        "config": {"T": task.seq_len, "hidden": cfg["recall_H"], "batch": B, "steps": steps, "k": K, "seeds": seeds},
+        "accuracy_by_seed": accs,
         "header": header,
         "rows": rows,
         "runs": [r.to_json() for r in records],
@@ -348,6 +371,14 @@ def _findings(results: dict) -> list[str]:
             verdict = "matches" if abs(acc - b_acc) <= 0.05 else ("beats" if acc > b_acc else "falls short of")
             parts.append(f"{r['label']} {100 * acc:.1f}% ({verdict} BPTT)")
         out.append(f"Recall (loss at the end): BPTT reached {100 * b_acc:.1f}% test accuracy; " + "; ".join(parts) + ".")
+        by_seed = results["recall"].get("accuracy_by_seed", {})
+        if by_seed and len(next(iter(by_seed.values()))) > 1:
+            n = len(next(iter(by_seed.values())))
+            out.append(
+                f"Over {n} seeds, runs that solved recall (test accuracy >= 95%): "
+                + ", ".join(f"{lab} {sum(a >= 0.95 for a in accs)}/{n}" for lab, accs in by_seed.items())
+                + "."
+            )
         cos = [(lab, sum(r["cosine"]) / len(r["cosine"])) for lab, r in runs.items() if r["cosine"]]
         if cos:
             out.append("Mean gradient cosine to exact over training: " + ", ".join(f"{lab} {c:.3f}" for lab, c in cos) + ".")
@@ -417,6 +448,8 @@ def render_markdown(data: dict) -> str:
             "",
             f"LSTM H={c['hidden']}, chrono-initialised gates, batch {c['batch']}, {c['steps']} Adam steps, the same",
             "initial weights and batches for every method. Test set: 512 sequences. FPI is `gamma=1`;",
+            f"columns 2-6 and the figures are from seed {c.get('seeds', [0])[0]}; the last two columns repeat the whole",
+            "training from fresh initial weights and batches for each seed.",
             f"truncated BPTT keeps the last {c['k'] + 1} steps of the graph (the same sequential depth as k={c['k']}).",
             "",
             format_table(r["header"], r["rows"], markdown=True),
@@ -488,6 +521,8 @@ def run(args) -> int:
         cfg["recall_steps"] = args.recall_steps
     if args.char_steps:
         cfg["char_steps"] = args.char_steps
+    if args.seeds:
+        cfg["recall_seeds"] = args.seeds
     out = ensure_out_dir(args.out)
     figures = ensure_out_dir(os.path.join(out, "figures"))
     progress = not args.no_progress
