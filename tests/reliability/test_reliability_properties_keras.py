@@ -1,7 +1,7 @@
 """Property-based tests of the Keras adapter (hwbptt.keras.HighwayRNN) on TensorFlow
 against tf.GradientTape BPTT of the unwrapped layer: random layer type (LSTM, GRU with
 both reset_after, SimpleRNN), T, batch, units, return_sequences, go_backwards, masks of
-random lengths, losses, float32/float64."""
+random lengths, losses, float32/float64, and a user cell with an identity residual."""
 
 from __future__ import annotations
 
@@ -18,7 +18,28 @@ from hwbptt.keras import HighwayRNN  # noqa: E402
 
 from _oracle import scaled  # noqa: E402
 
+class ResidualCell(keras.layers.Layer):
+    """A user cell ``s_t = s_{t-1} + 0.5 tanh(x_t W + s_{t-1} U + b)`` (residual "identity")."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.state_size = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel")
+        self.recurrent_kernel = self.add_weight(shape=(self.units, self.units), name="recurrent_kernel")
+        self.bias = self.add_weight(shape=(self.units,), name="bias", initializer="zeros")
+
+    def call(self, inputs, states):
+        s = states[0]
+        k = keras.ops
+        new = s + 0.5 * k.tanh(k.matmul(inputs, self.kernel) + k.matmul(s, self.recurrent_kernel) + self.bias)
+        return new, [new]
+
+
 FACTORIES = {
+    "user": lambda H, dtype, **kw: keras.layers.RNN(ResidualCell(H, dtype=dtype), dtype=dtype, **kw),
     "lstm": lambda H, **kw: keras.layers.LSTM(H, **kw),
     "gru": lambda H, **kw: keras.layers.GRU(H, **kw),
     "gru_before": lambda H, **kw: keras.layers.GRU(H, reset_after=False, **kw),
@@ -41,6 +62,10 @@ def keras_cases(draw, T_max=80, go_backwards=True):
         dtype=draw(st.sampled_from(["float32", "float64"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
+
+
+def extra(case):
+    return {"residual": "identity"} if case["kind"] == "user" else {}
 
 
 def build(case, return_sequences=None):
@@ -89,7 +114,7 @@ def assert_close(got, ref, dtype):
 def test_keras_exact_mode_matches_bptt(case):
     layer, x, mask, w = build(case)
     ref = grads(layer, layer, x, mask, w)
-    got = grads(HighwayRNN(layer, iterations=None), layer, x, mask, w)
+    got = grads(HighwayRNN(layer, iterations=None, **extra(case)), layer, x, mask, w)
     assert_close(got, ref, case["dtype"])
 
 
@@ -98,7 +123,7 @@ def test_keras_exact_mode_matches_bptt(case):
 def test_keras_T_iterations_are_exact(case, gamma, split):
     layer, x, mask, w = build(case)
     ref = grads(layer, layer, x, mask, w)
-    got = grads(HighwayRNN(layer, iterations=case["T"], gamma=gamma, split=split), layer, x, mask, w)
+    got = grads(HighwayRNN(layer, iterations=case["T"], gamma=gamma, split=split, **extra(case)), layer, x, mask, w)
     assert_close(got, ref, case["dtype"])
 
 
@@ -109,7 +134,7 @@ def test_keras_last_k_plus_one_positions_exact(case, k):
     carry the state: K = I, J = 0)."""
     layer, x, mask, w = build(case)
     ref = grads(layer, layer, x, mask, w)[0].astype(np.float64)
-    got = grads(HighwayRNN(layer, iterations=k), layer, x, mask, w)[0].astype(np.float64)
+    got = grads(HighwayRNN(layer, iterations=k, **extra(case)), layer, x, mask, w)[0].astype(np.float64)
     rtol = 1e-9 if case["dtype"] == "float64" else 1e-4
     scale = max(np.linalg.norm(ref), 1e-300)
     for b in range(case["B"]):
