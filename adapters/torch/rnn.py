@@ -126,8 +126,9 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
                 output, h = self._forward_packed(input, hx, options)
             else:
                 output, h = self._forward_padded(input, hx, options)
-        if check or not parent:
-            self._guard_outputs(input, output, h, highway=not parent, check=check)
+        highway = not parent and not options.exact  # a PackedSequence in exact mode is autograd, not Highway-BP
+        if check or highway:
+            self._guard_outputs(input, output, h, highway=highway, check=check)
         return output, h
 
     # -- check_finite and the double-backward guard --------------------------------------

@@ -227,14 +227,21 @@ def test_double_backward_raises_on_highway_path(cls, parent, penalty_on):
 
 
 @pytest.mark.parametrize("cls, parent", PAIRS, ids=IDS)
-def test_double_backward_exact_mode_matches_parent(cls, parent):
+@pytest.mark.parametrize("packed", [False, True])
+def test_double_backward_exact_mode_matches_parent(cls, parent, packed):
+    from torch.nn.utils.rnn import pack_padded_sequence
+
     ours, ref = twins(cls, parent, iterations=None)
     x = torch.randn(8, 2, 3, dtype=torch.float64)
     w = torch.randn(8, 2, 4, dtype=torch.float64)
     out = []
     for m in (ours, ref):
         xx = x.clone().requires_grad_(True)
-        loss = (m(xx)[0] * w).sum()
+        if packed:
+            y = m(pack_padded_sequence(xx, torch.tensor([8, 5])))[0].data
+            loss = (y * w.reshape(-1, 4)[: y.shape[0]]).sum()
+        else:
+            loss = (m(xx)[0] * w).sum()
         g, = torch.autograd.grad(loss, m.weight_ih_l0, create_graph=True)
         out.append(torch.autograd.grad(loss + g.pow(2).sum(), [xx, m.weight_hh_l0]))
     assert_same(*out)
