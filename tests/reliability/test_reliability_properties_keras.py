@@ -141,3 +141,23 @@ def test_keras_last_k_plus_one_positions_exact(case, k):
         L = case["T"] if case["lengths"] is None else case["lengths"][b]
         lo = max(0, L - 1 - k)
         assert np.linalg.norm(got[b, lo:L] - ref[b, lo:L]) <= rtol * scale, (b, lo, L)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "simple"])
+@pytest.mark.parametrize("k", [None, 2, 10])
+@pytest.mark.parametrize("where", ["input", "upstream"])
+def test_keras_nonfinite_propagate_as_bptt(kind, k, where):
+    """A NaN in the input or the upstream gradient: exactly the entries BPTT makes
+    non-finite are non-finite."""
+    case = dict(kind=kind, T=10, B=2, D=3, H=4, return_sequences=True, go_backwards=False, lengths=None,
+                loss="every", dtype="float32", seed=3)
+    layer, x, mask, w = build(case)
+    if where == "input":
+        x[1, 4, 0] = np.nan
+    else:
+        w[0, 6, 2] = np.nan
+    ref = grads(layer, layer, x, mask, w)
+    got = grads(HighwayRNN(layer, iterations=k), layer, x, mask, w)
+    assert not np.isfinite(ref[0]).all()
+    for g, r in zip(got, ref):
+        assert np.array_equal(np.isfinite(g), np.isfinite(r))
