@@ -423,10 +423,11 @@ def render_markdown(data: dict) -> str:
         "# Study: Highway-BP against BPTT, FPI and truncated BPTT",
         "",
         f"Measured on {machine} CPU, {cores} cores, torch {data.get('torch', torch.__version__)}, "
-        f"{threads} torch thread(s), float32; one process, {seconds / 60:.1f} minutes, one seed"
+        f"{threads} torch thread(s), float32; {data.get('processes', 1)} process(es), {seconds / 60:.1f} minutes"
         + (" (**quick mode: small sizes, few steps; the numbers only show the pipeline works**)" if quick else "")
         + ".",
         "",
+        *([data["note"], ""] if data.get("note") else []),
         f"Regenerate: `python -m hwbptt study{' --quick' if quick else ''} --out docs` (writes this file, `results.json` and `figures/`).",
         "Time per step is the median over a run of forward + backward + optimiser update; speed-ups",
         "are BPTT's median over this run's, in the same process. Highway-BP's backward on a CPU does",
@@ -448,9 +449,9 @@ def render_markdown(data: dict) -> str:
             "",
             f"LSTM H={c['hidden']}, chrono-initialised gates, batch {c['batch']}, {c['steps']} Adam steps, the same",
             "initial weights and batches for every method. Test set: 512 sequences. FPI is `gamma=1`;",
-            f"columns 2-6 and the figures are from seed {c.get('seeds', [0])[0]}; the last two columns repeat the whole",
-            "training from fresh initial weights and batches for each seed.",
             f"truncated BPTT keeps the last {c['k'] + 1} steps of the graph (the same sequential depth as k={c['k']}).",
+            f"Columns 2-6 and the figures are from seed {c.get('seeds', [0])[0]}; the last two columns repeat the whole",
+            "training from fresh initial weights and batches for each seed.",
             "",
             format_table(r["header"], r["rows"], markdown=True),
             "",
