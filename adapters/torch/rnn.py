@@ -155,7 +155,8 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
         if hx is not None:
             for i, s in enumerate(self._as_tuple(hx)):
                 if isinstance(s, torch.Tensor) and s.numel():
-                    self._raise_nonfinite(f"initial state hx[{i}]", _nonfinite_at(s.unsqueeze(0), 0), "forward", "initial state")
+                    # found along dim 0 of the state: the layer·direction index (the state precedes step 0)
+                    self._raise_nonfinite(f"initial state hx[{i}]", _nonfinite_at(s, 0), "forward", "layer/direction index")
 
     def _guard_outputs(self, input: Any, output: Any, h: Any, highway: bool, check: bool) -> None:
         """Forward check of the outputs; backward hooks: the upstream gradient's check and,
