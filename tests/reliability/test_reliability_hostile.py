@@ -149,7 +149,7 @@ def test_mismatched_state_dtype_raises_as_parent(cls, parent, iterations):
     etype, msg = parent_error(lambda: ref(x, hx))
     with pytest.raises(etype) as info:
         ours(x, hx)
-    assert "dtype" in str(info.value) or "Float" in str(info.value)
+    assert str(info.value).splitlines()[0] == msg
 
 
 @pytest.mark.parametrize("cls, parent", PAIRS, ids=IDS)
@@ -168,7 +168,7 @@ def test_mismatched_device_raises_as_parent(cls, parent, iterations, what):
     etype, msg = parent_error(lambda: ref(x, hx))
     with pytest.raises(etype) as info:
         ours(x, hx)
-    assert "device" in str(info.value).lower() or "meta" in str(info.value)
+    assert str(info.value).splitlines()[0] == msg
 
 
 # ----------------------------------------------------------------------------- requires_grad
