@@ -56,7 +56,7 @@ class MinimalGatedCell(nn.Module):
 class Classifier(nn.Module):
     def __init__(self, task: RecallTask, hidden: int, iterations):
         super().__init__()
-        from hwbptt.torch.cell import HighwayRNN
+        from hwbptt.torch import HighwayRNN
 
         cell = MinimalGatedCell(task.inputs, hidden, task.seq_len)
         # the residual: d h_t / d h_{t-1} along the f_t * h_{t-1} path, f_t held fixed
