@@ -1,7 +1,7 @@
 """Keyword spotting: log-mel frames of a spoken word into a GRU trained with Highway-BP.
 
 Each clip (one second at 16 kHz) becomes a sequence of log-mel frames with a short hop
-(default 5 ms: 200 frames); a ``HighwayGRU`` reads them and the word is classified at the
+(default 10 ms: 101 frames); a ``HighwayGRU`` reads them and the word is classified at the
 last frame only, so the gradient has to travel back through the whole clip.
 
 Data, offline:
@@ -213,10 +213,10 @@ def build_parser() -> ArgumentParser:
         "--clips-per-word", type=positive_int, default=None, help="synthesise only this many clips per word (default all 100)"
     )
     p.add_argument("--features", choices=("mel", "mfcc"), default="mel", help="log-mel (default) or MFCC frames")
-    p.add_argument("--hop-ms", type=positive_float, default=5.0, help="frame hop in ms (default 5: 200 frames per second)")
+    p.add_argument("--hop-ms", type=positive_float, default=10.0, help="frame hop in ms (default 10: 101 frames per clip)")
     p.add_argument("--hidden", type=positive_int, default=64, help="GRU hidden units (default 64)")
     p.add_argument("--iterations", type=iterations_arg, default=5, help="Highway-BP iterations, or 'exact' for BPTT (default 5)")
-    p.add_argument("--steps", type=positive_int, default=300, help="training steps (default 300)")
+    p.add_argument("--steps", type=positive_int, default=600, help="training steps (default 600)")
     p.add_argument("--batch", type=positive_int, default=32, help="batch size (default 32)")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="Adam learning rate (default 0.003)")
     p.add_argument("--noise", type=float, default=0.02, help="std of the white noise added to training clips (default 0.02)")
