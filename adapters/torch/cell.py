@@ -45,6 +45,18 @@ from hwbptt.scan import TORCH_OPS
 
 __all__ = ["HighwayRNN"]
 
+
+def _refuse_double_backward(grad: torch.Tensor) -> None:
+    """Output hook: the engine runs it with grad mode on exactly when ``create_graph=True``.
+    The Highway backward is computed once and is not differentiable, so a second
+    derivative through it would silently lose this layer's part."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "HighwayRNN: double backward (create_graph=True) is not supported by Highway-BP: its "
+            "backward is not differentiable. Use iterations=None (exact BPTT by autograd) for "
+            "higher-order gradients."
+        )
+
 _RESIDUAL_NAMES = ("identity", "none")
 
 
@@ -560,6 +572,9 @@ class HighwayRNN(nn.Module, HighwayOptionsMixin):
                 raise RuntimeError("HighwayRNN refuses this cell: " + "; ".join(what) + ". " + _BATCHED_RECOMPUTE)
             run = _Run(self, residual, options, len(s0), is_tuple)
             stacked = list(_HighwayRNNFunction.apply(run, x, *s0, *params))
+            for s in stacked:
+                if s.requires_grad:
+                    s.register_hook(_refuse_double_backward)
             self._check_residual_once(residual, x, s0, [s.detach() for s in stacked], is_tuple)
 
         outputs = stacked[0]

@@ -160,14 +160,6 @@ def test_cell_last_k_plus_one_positions_exact(case, k, gamma):
     assert err <= rtol * max(float(gx_p.norm()), 1e-300), f"steps {lo}..{T - 1}: {err}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cell.py: _HighwayRNNFunction.backward is once_differentiable; with create_graph=True and an "
-    "upstream gradient that needs no graph, it returns first-order gradients without a graph, so a gradient "
-    "penalty silently loses the layer's second-order part. Fix: raise a clear RuntimeError when "
-    "torch.is_grad_enabled() at the start of the backward (before once_differentiable's no_grad), or "
-    "register an output hook as HighwayLSTM does (rnn.py _guard_outputs).",
-)
 def test_cell_double_backward_raises_or_is_right():
     torch.manual_seed(0)
     cell = nn.LSTMCell(3, 4, dtype=torch.float64)
