@@ -13,6 +13,7 @@ they contribute nothing to any gradient.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -70,6 +71,18 @@ def _last_step_gradient(like: torch.Tensor, grad_last: torch.Tensor, lengths: to
     return local
 
 
+def _outside_autocast(backward):
+    """Run a backward with autocast off: a ``loss.backward()`` inside ``torch.autocast``
+    must not recast the tape's matmuls (the forward already ran in the autocast dtype)."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with torch.autocast(grads[0].device.type, enabled=False):
+            return backward(ctx, *grads)
+
+    return run
+
+
 class _LSTMHighway(torch.autograd.Function):
     """Inputs ``x (T,B,I), h0 (B,P), c0 (B,H)``; outputs ``y (T,B,P)`` and ``c`` at the
     last valid step ``(B,H)``."""
@@ -92,6 +105,7 @@ class _LSTMHighway(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @_outside_autocast
     def backward(ctx, grad_y, grad_c_last):
         x, y, h0, c0, *flat = ctx.saved_tensors
         has_bias, has_proj = ctx.layout
@@ -120,6 +134,7 @@ class _GRUHighway(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @_outside_autocast
     def backward(ctx, grad_y):
         x, y, h0, *flat = ctx.saved_tensors
         tape = make_gru_tape(x, y, h0, GRUWeights.from_flat(flat, ctx.has_bias))

@@ -240,12 +240,6 @@ def test_float16_autocast_behaves_as_parent(cls, parent):
             assert rel(a, b) <= 5e-2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layer.py: _LSTMHighway/_GRUHighway.backward run under the caller's autocast (backward called "
-    "inside torch.autocast), so an autocast matmul meets an in-place addmm_/mm in float32: dtype error. "
-    "Fix: run the backward body under torch.autocast(x.device.type, enabled=False).",
-)
 @pytest.mark.parametrize("cls, parent", PAIRS, ids=IDS)
 def test_bfloat16_autocast_backward_inside_the_context(cls, parent):
     """``loss.backward()`` inside the ``torch.autocast`` block works for the parent; it
