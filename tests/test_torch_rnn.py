@@ -311,7 +311,11 @@ def test_state_dict_round_trip_between_parent_and_twin():
     ours = HighwayLSTM(I, H, num_layers=2, proj_size=2)
     ref = nn.LSTM(I, H, num_layers=2, proj_size=2)
     ref.load_state_dict(ours.state_dict())
-    ours.load_state_dict(ref.state_dict())
+    for (k1, a), (k2, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert k1 == k2 and torch.equal(a, b)
+    fresh = HighwayLSTM(I, H, num_layers=2, proj_size=2)
+    fresh.load_state_dict(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), ref.parameters()))
 
 
 @pytest.mark.parametrize("cls", [HighwayLSTM, HighwayGRU])

@@ -124,7 +124,7 @@ def highway(case, module, cell, x, state, w_out, w_end):
     return torch.autograd.grad(loss, wrt, allow_unused=True)
 
 
-def _close(a_list, b_list, dtype, T):
+def _assert_close(a_list, b_list, dtype, T):
     rtol = 1e-9 if dtype == torch.float64 else (2e-4 if T > 64 else 5e-5)
     scale = max(float(b.double().norm()) for b in b_list if b is not None)
     for a, b in zip(a_list, b_list):
@@ -139,13 +139,13 @@ def _close(a_list, b_list, dtype, T):
 @given(case=cell_cases())
 def test_cell_exact_mode_matches_loop_bptt(case):
     module, cell, *rest = setup(case, iterations=None)
-    _close(highway(case, module, cell, *rest), loop_bptt(case, cell, *rest), case["dtype"], case["T"])
+    _assert_close(highway(case, module, cell, *rest), loop_bptt(case, cell, *rest), case["dtype"], case["T"])
 
 
 @given(case=cell_cases(T_max=60), extra=st.integers(0, 2), gamma=st.sampled_from([0.0, 0.5, 1.0]))
 def test_cell_T_iterations_are_exact(case, extra, gamma):
     module, cell, *rest = setup(case, iterations=case["T"] + extra, gamma=gamma)
-    _close(highway(case, module, cell, *rest), loop_bptt(case, cell, *rest), case["dtype"], case["T"])
+    _assert_close(highway(case, module, cell, *rest), loop_bptt(case, cell, *rest), case["dtype"], case["T"])
 
 
 @given(case=cell_cases(), k=st.integers(0, 8), gamma=st.sampled_from([0.0, 0.5, 1.0]))
