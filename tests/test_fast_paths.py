@@ -10,7 +10,7 @@ import torch
 from hwbptt import HighwayOptions, linear_scan, linear_scan_reference
 from hwbptt.kernels import cpu_scan
 from hwbptt.scan import linear_scan_torch, scan_backend
-from hwbptt.torch import HighwayGRU, HighwayLSTM, fused
+from hwbptt.torch import HighwayGRU, HighwayLSTM, fused, reserve
 from hwbptt.torch.gru_math import FastGRUTape, GRUTape, GRUWeights, make_gru_tape
 from hwbptt.torch.lstm_math import FastLSTMTape, LSTMTape, LSTMWeights, make_lstm_tape
 
@@ -192,4 +192,84 @@ def test_layers_fast_equals_reference(monkeypatch, cls, T, packed):
     monkeypatch.setattr(fused, "supports", lambda *t: False)
     slow = grads()
     for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- reserve forwards
+
+
+needs_reserve = pytest.mark.skipif(not reserve.available(), reason="reserve forwards not built (no C compiler or no exported BLAS)")
+
+
+@needs_reserve
+@pytest.mark.parametrize("T", [1, 2, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_reserve_lstm_forward_matches_fused_kernel_and_tape(T, dtype, bias):
+    x, _, h0, c0, w = _lstm_case(T, 3, 5, 7, 0, bias, dtype, seed=T)
+    tape, y = FastLSTMTape.from_reserve(x, h0, c0, w)
+    flat = [w.w_ih, w.w_hh] + ([w.b_ih, w.b_hh] if bias else [])
+    y_ref, h_n, c_n = torch._VF.lstm(x, (h0[None], c0[None]), flat, bias, 1, 0.0, False, False, False)
+    tol = _tol(dtype)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(tape.c[-1], c_n[0], **tol)
+    ref = LSTMTape(x, y_ref, h0, c0, w)
+    for name in ("gates", "c", "tanh_c", "readout_gain", "f_next", "c_prev", "h_prev"):
+        torch.testing.assert_close(getattr(tape, name), getattr(ref, name), **tol, msg=name)
+
+
+@needs_reserve
+@pytest.mark.parametrize("T", [1, 2, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_reserve_gru_forward_matches_fused_kernel_and_tape(T, dtype, bias):
+    g = torch.Generator().manual_seed(T)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype) * 0.5  # noqa: E731
+    H, I, B = 7, 5, 3
+    w = GRUWeights(r(3 * H, I), r(3 * H, H), r(3 * H) if bias else None, r(3 * H) if bias else None)
+    x, h0 = r(B, T, I).transpose(0, 1), r(B, H)
+    tape, y = FastGRUTape.from_reserve(x, h0, w)
+    flat = [w.w_ih, w.w_hh] + ([w.b_ih, w.b_hh] if bias else [])
+    y_ref, _ = torch._VF.gru(x, h0[None], flat, bias, 1, 0.0, False, False, False)
+    tol = _tol(dtype)
+    torch.testing.assert_close(y, y_ref, **tol)
+    ref = GRUTape(x, y_ref, h0, w)
+    for name in ("r", "z", "n", "gh_n", "z_next", "h_prev"):
+        torch.testing.assert_close(getattr(tape, name), getattr(ref, name), **tol, msg=name)
+
+
+@needs_reserve
+@pytest.mark.parametrize("cls", [HighwayLSTM, HighwayGRU])
+@pytest.mark.parametrize("packed", [False, True])
+def test_layers_reserve_equals_recompute(cls, packed):
+    """The forward that keeps the gates and the one that reruns the fused kernel give the
+    same outputs and the same Highway gradients (and the reserve path is the one taken)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(3)
+    m = cls(4, 5, num_layers=2, bidirectional=True, iterations=2).double()
+    x = torch.randn(11, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def run(on):
+        m.zero_grad()
+        x.grad = None
+        inp = pack_padded_sequence(x, torch.tensor([11, 6, 2]), enforce_sorted=False) if packed else x
+        calls = []
+        real = reserve.lstm_forward if cls is HighwayLSTM else reserve.gru_forward
+        name = real.__name__
+
+        def spy(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        with reserve.use(on), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(reserve, name, spy)
+            out, h = m(inp)
+            data = out.data if packed else out
+            hs = list(h) if isinstance(h, tuple) else [h]
+            (data.sin().sum() + sum(s.cos().sum() for s in hs)).backward()
+        assert bool(calls) == on
+        return [data.detach().clone(), *(s.detach().clone() for s in hs), x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+
+    for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

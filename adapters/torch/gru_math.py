@@ -31,7 +31,7 @@ import torch
 
 from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint
 
-from . import fused
+from . import fused, reserve
 
 __all__ = ["GRUWeights", "GRUTape", "FastGRUTape", "make_gru_tape"]
 
@@ -141,8 +141,25 @@ class FastGRUTape(GRUTape):
                 torch.mm(self.y[:-1].view(-1, H), w.w_hh.t(), out=gh[1:].view(-1, H3))
         gh[0] = h0 @ w.w_hh.t() if w.b_hh is None else torch.addmm(w.b_hh, h0, w.w_hh.t())
         fused.gru_gates(gi, gh)
-        self.gates, self._gh = gi, gh
-        self.r, self.z, self.n = gi.split(H, dim=-1)
+        self._adopt(buf, gh)
+
+    @classmethod
+    def from_reserve(cls, x: torch.Tensor, h0: torch.Tensor, w: GRUWeights) -> tuple["FastGRUTape", torch.Tensor]:
+        """Run the forward with ``reserve.gru_forward`` (which keeps the gates) and return
+        ``(tape, y)``: no rebuild in the backward."""
+        buf, gh, y = reserve.gru_forward(x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh)
+        tape = cls.__new__(cls)
+        tape.x, tape.y, tape.h0, tape.w = x, y, h0, w
+        tape._x2 = x.reshape(x.shape[0] * x.shape[1], -1)
+        tape._adopt(buf, gh)
+        return tape, y
+
+    def _adopt(self, buf: torch.Tensor, gh: torch.Tensor) -> None:
+        """Take the gate buffer (T+1, B, 3H) (gates in rows ``0..T-1``, zeros in row ``T``)
+        and the hidden pre-activations ``gh`` (T, B, 3H)."""
+        H = buf.shape[-1] // 3
+        self.gates, self._gh = buf[:-1], gh
+        self.r, self.z, self.n = self.gates.split(H, dim=-1)
         self.gh_n = gh[..., 2 * H :]
         self.z_next = buf[1:, :, H : 2 * H]  # a_t = z_{t+1}, zero at the last step
 

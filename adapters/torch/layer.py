@@ -22,8 +22,9 @@ from torch.autograd.function import once_differentiable
 
 from hwbptt import HighwayOptions
 
-from .gru_math import GRUWeights, make_gru_tape
-from .lstm_math import LSTMWeights, lstm_cell_states, make_lstm_tape
+from . import reserve
+from .gru_math import FastGRUTape, GRUWeights, make_gru_tape
+from .lstm_math import FastLSTMTape, LSTMWeights, lstm_cell_states, make_lstm_tape
 
 __all__ = ["lstm_layer", "gru_layer", "at_lengths", "reverse_within", "WEIGHT_NAMES"]
 
@@ -90,14 +91,19 @@ class _LSTMHighway(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, lengths, options, sink, key, has_bias, has_proj, *flat):
         with torch.no_grad():
-            y, _, c_n = _VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), list(flat), has_bias, 1, 0.0, False, False, False)
-            tape = None
-            if lengths is None:
-                c_last = c_n[0]
-            else:
-                # The fused kernel's c_n is after the padding; the tape has every c_t.
-                tape = make_lstm_tape(x, y, h0, c0, LSTMWeights.from_flat(list(flat), has_bias, has_proj))
+            if not has_proj and reserve.supports(x, h0, c0, *flat):
+                # Keep the gates (measured faster than rerunning the fused kernel and rebuilding).
+                tape, y = FastLSTMTape.from_reserve(x, h0, c0, LSTMWeights.from_flat(list(flat), has_bias, False))
                 c_last = at_lengths(tape.c, lengths)
+            else:
+                y, _, c_n = _VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), list(flat), has_bias, 1, 0.0, False, False, False)
+                tape = None
+                if lengths is None:
+                    c_last = c_n[0]
+                else:
+                    # The fused kernel's c_n is after the padding; the tape has every c_t.
+                    tape = make_lstm_tape(x, y, h0, c0, LSTMWeights.from_flat(list(flat), has_bias, has_proj))
+                    c_last = at_lengths(tape.c, lengths)
         ctx.tape, ctx.lengths, ctx.options, ctx.sink, ctx.key = tape, lengths, options, sink, key
         ctx.layout = (has_bias, has_proj)
         ctx.save_for_backward(x, y, h0, c0, *flat)
@@ -127,7 +133,12 @@ class _GRUHighway(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, lengths, options, sink, key, has_bias, *flat):
         with torch.no_grad():
-            y, _ = _VF.gru(x, h0.unsqueeze(0), list(flat), has_bias, 1, 0.0, False, False, False)
+            if reserve.supports(x, h0, *flat):
+                # Keep the gates (measured faster than rerunning the fused kernel and rebuilding).
+                ctx.tape, y = FastGRUTape.from_reserve(x, h0, GRUWeights.from_flat(list(flat), has_bias))
+            else:
+                ctx.tape = None
+                y, _ = _VF.gru(x, h0.unsqueeze(0), list(flat), has_bias, 1, 0.0, False, False, False)
         ctx.options, ctx.sink, ctx.key, ctx.has_bias = options, sink, key, has_bias
         ctx.save_for_backward(x, y, h0, *flat)
         return y
@@ -137,7 +148,8 @@ class _GRUHighway(torch.autograd.Function):
     @_outside_autocast
     def backward(ctx, grad_y):
         x, y, h0, *flat = ctx.saved_tensors
-        tape = make_gru_tape(x, y, h0, GRUWeights.from_flat(flat, ctx.has_bias))
+        tape = ctx.tape or make_gru_tape(x, y, h0, GRUWeights.from_flat(flat, ctx.has_bias))
+        ctx.tape = None
         w, diagnostics = tape.highway(grad_y, ctx.options)
         if ctx.sink is not None:
             ctx.sink[ctx.key] = diagnostics

@@ -43,7 +43,7 @@ import torch
 
 from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint, linear_scan
 
-from . import fused
+from . import fused, reserve
 
 __all__ = ["LSTMWeights", "LSTMTape", "FastLSTMTape", "make_lstm_tape", "lstm_cell_states"]
 
@@ -250,8 +250,26 @@ class FastLSTMTape(LSTMTape):
         if T > 1:
             pre[1:].view(-1, H4).addmm_(self.y[:-1].view(-1, P), w.w_hh.t())
         pre[0].addmm_(h0, w.w_hh.t())
-        self.c, self.tanh_c, self.readout_gain = fused.lstm_gates(pre, c0)
-        self.gates = pre
+        self._adopt(buf, *fused.lstm_gates(pre, c0))
+
+    @classmethod
+    def from_reserve(cls, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w: LSTMWeights) -> tuple["FastLSTMTape", torch.Tensor]:
+        """Run the forward with ``reserve.lstm_forward`` (which keeps the gates) and return
+        ``(tape, y)``: no rebuild in the backward. No ``proj_size``."""
+        bias = None if w.b_ih is None else w.b_ih + w.b_hh
+        buf, y, c, tanh_c, gain = reserve.lstm_forward(x, h0, c0, w.w_ih, w.w_hh, bias)
+        tape = cls.__new__(cls)
+        tape.x, tape.y, tape.h0, tape.c0, tape.w = x, y, h0, c0, w
+        tape._x2 = x.reshape(x.shape[0] * x.shape[1], -1)
+        tape._adopt(buf, c, tanh_c, gain)
+        return tape, y
+
+    def _adopt(self, buf: torch.Tensor, c: torch.Tensor, tanh_c: torch.Tensor, gain: torch.Tensor) -> None:
+        """Take the gate buffer (T+1, B, 4H) (gates in rows ``0..T-1``, zeros in row ``T``)
+        and the cell-state tensors."""
+        H = buf.shape[-1] // 4
+        self.c, self.tanh_c, self.readout_gain = c, tanh_c, gain
+        self.gates = pre = buf[:-1]
         self.i, self.f, self.g, self.o = pre.split(H, dim=-1)
         self.f_next = buf[1:, :, H : 2 * H]  # a_t = f_{t+1}, zero at the last step
 

@@ -1,0 +1,213 @@
+"""Forwards that keep what the backward needs: the CPU analogue of cuDNN's reserve space.
+
+The recompute path (``lstm_math.FastLSTMTape``, ``gru_math.FastGRUTape``) runs the
+framework's fused kernel with no graph, then rebuilds every gate in the backward with
+two large matmuls over the ``T·B`` rows and one gate pass. The forwards here instead run
+the recurrence themselves and write the gates as they go, so the backward starts from
+them:
+
+LSTM (gate order i, f, g, o; no ``proj_size``)::
+
+    pre_t = W_ih x_t + b_ih + b_hh                  (one matmul over all T·B rows)
+    pre_t += W_hh h_{t-1}                           (one BLAS gemm per step)
+    [i, f, g, o]_t = [σ, σ, tanh, σ](pre_t)          (in place)
+    c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t,   h_t = o_t ⊙ tanh(c_t)
+
+GRU (gate order r, z, n)::
+
+    gi_t = W_ih x_t + b_ih                          (one matmul over all T·B rows)
+    gh_t = W_hh h_{t-1} + b_hh                      (one BLAS gemm per step)
+    r, z = σ(gi_{r,z} + gh_{r,z}),  n = tanh(gi_n + r ⊙ gh_n)   (in place in gi)
+    h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1}
+
+The per-step gate arithmetic is the fused kernels' own row functions
+(``hwbptt.torch.fused``), compiled into this library together with the time loop; the
+per-step product calls the BLAS ``sgemm_``/``dgemm_`` that PyTorch's CPU library exports
+(MKL on x86), so no step returns to Python. Where that symbol is missing (another BLAS
+build) or no C compiler is found, ``available()`` is false and the layers use the
+recompute path, which gives the same gradients.
+
+Which path is faster was measured, not assumed (``docs/performance.md``); ``use(False)``
+switches this path off for comparisons (``tests/test_fast_paths.py`` checks that both give
+the same states and gradients; the bench times both).
+
+References: the framework's fused forward (``torch._VF.lstm``/``gru``) for the states and
+``LSTMTape``/``GRUTape`` (eager torch) for the gates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from typing import Iterator
+
+import torch
+
+from hwbptt.kernels.cbuild import load, ptr
+
+from . import fused
+
+__all__ = ["available", "enabled", "use", "supports", "lstm_forward", "gru_forward"]
+
+_LOOPS = r"""
+typedef void (*gemm_t_f32)(const char*, const char*, const int*, const int*, const int*, const float*,
+                           const float*, const int*, const float*, const int*, const float*, float*, const int*);
+typedef void (*gemm_t_f64)(const char*, const char*, const int*, const int*, const int*, const double*,
+                           const double*, const int*, const double*, const int*, const double*, double*, const int*);
+/* Row-major out (B x N) += h (B x K) @ W^T with W (N x K) row-major, through a column-major
+   BLAS: out^T = W^T' h^T, i.e. gemm("T", "N", N, B, K, W, K, h, K, out, N). */
+#define LOOPS(SUF, T_)                                                                        \
+static void step_gemm_##SUF(void* gemm_p, long B, long N, long K, const T_* w, const T_* h,    \
+                            T_* out) {                                                        \
+  int m = (int)N, n = (int)B, k = (int)K; T_ one = (T_)1;                                     \
+  ((gemm_t_##SUF)gemm_p)("T", "N", &m, &n, &k, &one, w, &k, h, &k, &one, out, &m);           \
+}                                                                                             \
+void lstm_forward_##SUF(void* gemm_p, long T, long B, long H, T_* pre, const T_* w_hh,        \
+                        const T_* h0, const T_* c0, T_* y, T_* c, T_* tc, T_* gain) {         \
+  for (long t = 0; t < T; ++t) {                                                              \
+    T_* p = pre + t * B * 4 * H;                                                              \
+    step_gemm_##SUF(gemm_p, B, 4 * H, H, w_hh, t ? y + (t - 1) * B * H : h0, p);              \
+    for (long b = 0; b < B; ++b) {                                                            \
+      T_* q = p + b * 4 * H;                                                                  \
+      long r = (t * B + b) * H;                                                               \
+      lstm_gates_row_##SUF(H, q, q + H, q + 2 * H, q + 3 * H,                                 \
+                           t ? c + r - B * H : c0 + b * H, c + r, tc + r, gain + r);          \
+      for (long h = 0; h < H; ++h) y[r + h] = q[3 * H + h] * tc[r + h];                       \
+    }                                                                                         \
+  }                                                                                           \
+}                                                                                             \
+void gru_forward_##SUF(void* gemm_p, long T, long B, long H, T_* gi, T_* gh, const T_* w_hh,  \
+                       const T_* b_hh, const T_* h0, T_* y) {                                 \
+  for (long t = 0; t < T; ++t) {                                                              \
+    T_* a = gi + t * B * 3 * H;                                                               \
+    T_* g = gh + t * B * 3 * H;                                                               \
+    for (long b = 0; b < B; ++b)                                                              \
+      for (long j = 0; j < 3 * H; ++j) g[b * 3 * H + j] = b_hh ? b_hh[j] : (T_)0;             \
+    const T_* hp = t ? y + (t - 1) * B * H : h0;                                              \
+    step_gemm_##SUF(gemm_p, B, 3 * H, H, w_hh, hp, g);                                        \
+    for (long b = 0; b < B; ++b) {                                                            \
+      T_* q = a + b * 3 * H;                                                                  \
+      const T_* e = g + b * 3 * H;                                                            \
+      gru_gates_row_##SUF(H, q, q + H, q + 2 * H, e, e + H, e + 2 * H);                       \
+      T_* yy = y + (t * B + b) * H;                                                           \
+      const T_* hh = hp + b * H;                                                              \
+      for (long h = 0; h < H; ++h) yy[h] = ((T_)1 - q[H + h]) * q[2 * H + h] + q[H + h] * hh[h]; \
+    }                                                                                         \
+  }                                                                                           \
+}
+LOOPS(f32, float)
+LOOPS(f64, double)
+"""
+
+_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+_GEMM = {torch.float32: "sgemm_", torch.float64: "dgemm_"}
+_FN: dict[tuple[str, torch.dtype], object] = {}
+_gemm: dict[torch.dtype, int] = {}
+_state = {"enabled": True, "checked": False, "ok": False}
+
+
+def _blas() -> dict[torch.dtype, int]:
+    """Addresses of PyTorch's exported BLAS gemm functions, or ``{}``."""
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return {dt: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for dt, name in _GEMM.items()}
+    except (OSError, AttributeError):
+        return {}
+
+
+def available() -> bool:
+    """Whether the reserve forwards were built and PyTorch exports a BLAS gemm."""
+    if not _state["checked"]:
+        _state["checked"] = True
+        lib = load("torch_rnn_reserve", fused._SOURCE + _LOOPS) if fused.available() else None
+        _gemm.update(_blas() if lib is not None else {})
+        if lib is not None and len(_gemm) == len(_GEMM):
+            L, P = ctypes.c_long, ctypes.c_void_p
+            for dtype, suf in _DTYPES.items():
+                f = getattr(lib, f"lstm_forward_{suf}")
+                f.argtypes, f.restype = [P, L, L, L] + [P] * 8, None
+                _FN[("lstm", dtype)] = f
+                f = getattr(lib, f"gru_forward_{suf}")
+                f.argtypes, f.restype = [P, L, L, L] + [P] * 6, None
+                _FN[("gru", dtype)] = f
+            _state["ok"] = True
+    return _state["ok"]
+
+
+def enabled() -> bool:
+    return _state["enabled"]
+
+
+@contextlib.contextmanager
+def use(on: bool) -> Iterator[None]:
+    """Switch the reserve forwards on or off within a block (for comparisons)."""
+    if not isinstance(on, bool):
+        raise TypeError(f"use(on) takes a bool, got on={on!r}")
+    before = _state["enabled"]
+    _state["enabled"] = on
+    try:
+        yield
+    finally:
+        _state["enabled"] = before
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the reserve forward takes these tensors: those the fused CPU kernels take
+    (``fused.supports``), sizes that fit the BLAS's 32-bit integers, switched on and built."""
+    if not (_state["enabled"] and fused.supports(*tensors)) or tensors[0].device.type != "cpu":
+        return False
+    if any(t.numel() >= 2**31 for t in tensors):
+        return False
+    return available()
+
+
+def lstm_forward(
+    x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(buf, y, c, tanh_c, gain)`` for ``x`` (T, B, I), ``h0``/``c0`` (B, H).
+
+    ``buf`` is (T+1, B, 4H): rows ``0..T-1`` the gates ``[i, f, g, o]``, row ``T`` zeros (so
+    that ``f_{t+1}`` is a view); ``y`` the hidden states, ``c`` the cell states, ``tanh_c``
+    and ``gain = o (1 - tanh² c)``, each (T, B, H). ``bias`` is ``b_ih + b_hh`` or ``None``."""
+    T, B = x.shape[:2]
+    H = w_hh.shape[1]
+    buf = x.new_empty((T + 1, B, 4 * H))
+    buf[T].zero_()
+    pre = buf[:T].view(T * B, 4 * H)
+    x2 = x.reshape(T * B, -1)
+    if bias is not None:
+        torch.addmm(bias, x2, w_ih.t(), out=pre)
+    else:
+        torch.mm(x2, w_ih.t(), out=pre)
+    y, c, tanh_c, gain = (x.new_empty((T, B, H)) for _ in range(4))
+    w_hh, h0, c0 = w_hh.contiguous(), h0.contiguous(), c0.contiguous()
+    _FN[("lstm", x.dtype)](_gemm[x.dtype], T, B, H, ptr(pre), ptr(w_hh), ptr(h0), ptr(c0), ptr(y), ptr(c), ptr(tanh_c), ptr(gain))
+    return buf, y, c, tanh_c, gain
+
+
+def gru_forward(
+    x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None,
+    b_hh: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(buf, gh, y)`` for ``x`` (T, B, I), ``h0`` (B, H).
+
+    ``buf`` is (T+1, B, 3H): rows ``0..T-1`` the gates ``[r, z, n]``, row ``T`` zeros (so
+    that ``z_{t+1}`` is a view); ``gh`` (T, B, 3H) is ``W_hh h_{t-1} + b_hh`` (the backward
+    reads its ``n`` part); ``y`` (T, B, H) the hidden states."""
+    T, B = x.shape[:2]
+    H = w_hh.shape[1]
+    buf = x.new_empty((T + 1, B, 3 * H))
+    buf[T].zero_()
+    gi = buf[:T].view(T * B, 3 * H)
+    x2 = x.reshape(T * B, -1)
+    if b_ih is not None:
+        torch.addmm(b_ih, x2, w_ih.t(), out=gi)
+    else:
+        torch.mm(x2, w_ih.t(), out=gi)
+    gh, y = x.new_empty((T, B, 3 * H)), x.new_empty((T, B, H))
+    w_hh, h0 = w_hh.contiguous(), h0.contiguous()
+    b_hh = None if b_hh is None else b_hh.contiguous()
+    _FN[("gru", x.dtype)](_gemm[x.dtype], T, B, H, ptr(gi), ptr(gh), ptr(w_hh), ptr(b_hh), ptr(h0), ptr(y))
+    return buf, gh, y
