@@ -193,13 +193,16 @@ def lstm_gates(pre: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, torch
     return c, tc, gain
 
 
-def lstm_dpre(dc: torch.Tensor, m: torch.Tensor, gates: torch.Tensor, c: torch.Tensor, c0: torch.Tensor, tanh_c: torch.Tensor) -> torch.Tensor:
+def lstm_dpre(dc: torch.Tensor, m: torch.Tensor, gates: torch.Tensor, c: torch.Tensor, c0: torch.Tensor, tanh_c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient on the gate pre-activations (T, B, 4H) from ``dc`` and the gradient ``m``
-    on ``o ⊙ tanh(c)``; ``c_{t-1}`` is read from ``c`` and ``c0``."""
+    on ``o ⊙ tanh(c)``; ``c_{t-1}`` is read from ``c`` and ``c0``. Written into ``out``
+    (contiguous, like ``gates``, overlapping no input) when given."""
     T, B, H4 = gates.shape
     H = H4 // 4
     dc, m, c0 = _c(dc), _c(m), _c(c0)
-    out = torch.empty_like(gates)
+    if out is None:
+        out = torch.empty_like(gates)
+    assert out.shape == gates.shape and out.dtype == gates.dtype and out.is_contiguous()
     fn = _FN[("lstm_dpre", gates.dtype)]
     args = (ptr(dc), ptr(m), ptr(gates), ptr(c), ptr(c0), ptr(tanh_c), ptr(out))
     run_parallel(lambda lo, hi: fn(B, H, lo, hi, *args), T * B, T * B * H4)
@@ -214,12 +217,16 @@ def gru_gates(gi: torch.Tensor, gh: torch.Tensor) -> None:
     run_parallel(lambda lo, hi: fn(H3 // 3, lo, hi, ptr(gi), ptr(gh)), T * B, T * B * H3)
 
 
-def gru_dgates(lam: torch.Tensor, gates: torch.Tensor, gh: torch.Tensor, h0: torch.Tensor, y: torch.Tensor, with_input: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+def gru_dgates(lam: torch.Tensor, gates: torch.Tensor, gh: torch.Tensor, h0: torch.Tensor, y: torch.Tensor, with_input: bool, out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(dgi, dgh)`` (T, B, 3H) for the cotangent ``lam`` (T, B, H) on the outputs;
-    ``h_{t-1}`` is read from ``h0`` and ``y``. ``dgi`` only when ``with_input``."""
+    ``h_{t-1}`` is read from ``h0`` and ``y``. ``dgi`` only when ``with_input``. ``dgh`` is
+    written into ``out`` (contiguous, like ``gates``, overlapping no input) when given."""
     T, B, H3 = gates.shape
     lam, h0, y = _c(lam), _c(h0), _c(y)
-    dgh = torch.empty_like(gates)
+    if out is None:
+        out = torch.empty_like(gates)
+    assert out.shape == gates.shape and out.dtype == gates.dtype and out.is_contiguous()
+    dgh = out
     dgi = torch.empty_like(gates) if with_input else None
     fn = _FN[("gru_dgates", gates.dtype)]
     args = (ptr(lam), ptr(gates), ptr(gh), ptr(h0), ptr(y), ptr(dgh), ptr(dgi))

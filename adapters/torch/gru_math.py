@@ -167,18 +167,27 @@ class FastGRUTape(GRUTape):
     def h_prev(self) -> torch.Tensor:
         return torch.cat([self.h0.unsqueeze(0), self.y[:-1]])
 
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = self.__dict__.get(name)
+        if buf is None:
+            buf = self.__dict__[name] = self.gates.new_empty(shape)
+        return buf
+
     def gate_grads(self, lam: torch.Tensor, t: int | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         if t != slice(None):
             return super().gate_grads(lam, t)
-        dgi, dgh = fused.gru_dgates(lam, self.gates, self._gh, self.h0, self.y, with_input=True)
-        return dgi, dgh
+        # The caller owns the result: it takes the iterations' buffer (a later block makes another).
+        return fused.gru_dgates(lam, self.gates, self._gh, self.h0, self.y, with_input=True, out=self.__dict__.pop("_dgh_buf", None))
 
     def block(self, lam: torch.Tensor) -> torch.Tensor:
-        _, dgh = fused.gru_dgates(lam, self.gates, self._gh, self.h0, self.y, with_input=False)
-        T, B, H3 = dgh.shape
+        # Buffers allocated once per tape: a fresh large tensor per iteration costs its page
+        # faults again (about as much as the arithmetic on a 2-core CPU). The engine reads
+        # the result before the next call and keeps none of it.
+        T, B, H3 = self.gates.shape
         H = H3 // 3
-        q = dgh.new_empty((T, B, H))
+        q = self._buffer("_block_out", (T, B, H))
         q[-1].zero_()
+        _, dgh = fused.gru_dgates(lam, self.gates, self._gh, self.h0, self.y, with_input=False, out=self._buffer("_dgh_buf", (T, B, H3)))
         if T > 1:
             torch.mm(dgh[1:].view(-1, H3), self.w.w_hh, out=q[:-1].view(-1, H))
         return q
