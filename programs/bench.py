@@ -140,9 +140,17 @@ def measure_machine() -> dict[str, float]:
 # ----------------------------------------------------------------------------- cost model
 
 
-def cost_model(model: str, T: int, B: int, H: int, k: int | None) -> dict[str, float]:
+def _keeps_gates() -> bool:
+    from hwbptt.torch import reserve
+
+    return reserve.available() and reserve.enabled()
+
+
+def cost_model(model: str, T: int, B: int, H: int, k: int | None, keep_gates: bool = False) -> dict[str, float]:
     """Matmul FLOPs, elementwise bytes and kernel launches of one training step (float32,
-    input size = hidden size), as this implementation does it. ``k=None``: BPTT."""
+    input size = hidden size), as this implementation does it. ``k=None``: BPTT.
+    ``keep_gates``: the forward keeps the gates (``hwbptt.torch.reserve``, CPU) and the
+    backward does not rebuild them."""
     N, e = T * B, 4
     G = 4 if model == "lstm" else 3  # gates
     proj = 2 * N * (2 * H) * (G * H)  # all gate pre-activations, x and h parts
@@ -150,8 +158,8 @@ def cost_model(model: str, T: int, B: int, H: int, k: int | None) -> dict[str, f
         flops = proj + proj + 2 * N * G * H * H + 2 * N * G * H * H
         byts = (G + 2) * H * e * N * 2 + (2 * G + 4) * H * e * N
         return {"flops": flops, "bytes": byts, "launches": 4 * T, "scans": 0, "steps": 2 * T}
-    # Highway: forward (no graph), rebuild the gates, k block VJPs, the final batched VJP
-    flops = proj + proj + k * 2 * N * G * H * H + 2 * N * G * H * H + proj
+    # Highway: forward (no graph), rebuild the gates (unless kept), k block VJPs, the final batched VJP
+    flops = proj + (0 if keep_gates else proj) + k * 2 * N * G * H * H + 2 * N * G * H * H + proj
     gates = (2 * G + 3) * H * e * N  # activation kernel: read + write the gates, write c-like outputs
     dpre = (2 * G + 4) * H * e * N  # one block-VJP pass
     scan = 3 * H * e * N
@@ -223,7 +231,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 class PeakMemory:
     """Peak resident memory of one step above the level before it (Linux: the kernel's
     high-water mark, reset through ``/proc/self/clear_refs``). Large allocations are
-    forced onto ``mmap`` (``mallopt``) so freed tensors leave the resident set at once;
+    forced onto ``mmap`` (``mallopt``) so freed tensors leave the resident set at once,
+    and free heap memory is returned (``malloc_trim``) before each measurement;
     that changes allocation speed, so the benchmark measures memory after all timings."""
 
     def __init__(self) -> None:
@@ -232,7 +241,8 @@ class PeakMemory:
             try:
                 import ctypes
 
-                ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+                self._libc = ctypes.CDLL("libc.so.6")
+                self._libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
                 self.ok = True
             except OSError:
                 pass
@@ -253,6 +263,9 @@ class PeakMemory:
         for p in params:
             p.grad = None
         gc.collect()
+        # Free heap memory goes back to the system first: otherwise a step made of many
+        # small allocations (a per-step loop) reuses it and its peak reads as zero.
+        self._libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = self._kib("VmRSS")
@@ -426,11 +439,12 @@ def run_torch_suite(suite: str, T: int, B: int, H: int, ks: list[int | None], ar
             if suite in ("lstm", "gru") or not args.quick:
                 args._memory_jobs.append((row, variants["bptt"][1], params["bptt"], f, params[name]))
         if suite in ("lstm", "gru"):
-            cost = cost_model(suite, T, B, H, k)
+            cost = cost_model(suite, T, B, H, k, keep_gates=_keeps_gates())
             floor = cost["flops"] / machine["matmul_flops_per_s"] + cost["bytes"] / machine["copy_bytes_per_s"]
             row["floor_ms"] = floor * 1e3
             row["floor_multiple"] = t["step"] / floor
-            gpu_h, gpu_b = gpu_projection(cost, T), gpu_projection(cost_model(suite, T, B, H, None), T)
+            # On a GPU the forward is cuDNN's and the backward rebuilds the gates.
+            gpu_h, gpu_b = gpu_projection(cost_model(suite, T, B, H, k), T), gpu_projection(cost_model(suite, T, B, H, None), T)
             row["gpu_model_ms"], row["gpu_model_bptt_ms"], row["gpu_model_speedup"] = gpu_h * 1e3, gpu_b * 1e3, gpu_b / gpu_h
         rows.append(row)
     return rows
@@ -599,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hwbptt.kernels import status
     from hwbptt.kernels.cpu_scan import available as scan_available
-    from hwbptt.torch import fused
+    from hwbptt.torch import fused, reserve
 
     quick = args.quick
     args.T = args.T or ([1024] if quick else [256, 1024])
@@ -614,11 +628,13 @@ def main(argv: list[str] | None = None) -> int:
     args._repeats_for = lambda suite: repeats if suite in ("lstm", "gru") else (1 if quick else max(1, min(repeats, 2)))
     args._packed_model = "lstm"
     args._memory_jobs = []
-    scan_available(), fused.available()
+    scan_available(), fused.available(), reserve.available()
     kernel_status = status()
     print(f"hwbptt bench: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
           f"repeats {repeats} (interleaved medians after {args.warmup} warm-up)")
     print("compiled kernels: " + ", ".join(f"{k}: {v}" for k, v in kernel_status.items()))
+    print("LSTM/GRU forward: " + ("keeps the gates (hwbptt.torch.reserve: C time loop + PyTorch's BLAS)" if _keeps_gates()
+          else "the fused kernel; the backward rebuilds the gates (reserve path unavailable)"))
     print("torch.compile: not used (the fused paths are C kernels; without a C compiler the eager torch paths run, as listed above)")
     machine = measure_machine()
     print(f"machine: large matmul {machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, copy {machine['copy_bytes_per_s'] / 1e9:.1f} GB/s")
