@@ -154,8 +154,11 @@ def use(on: bool) -> Iterator[None]:
 
 def supports(*tensors: torch.Tensor) -> bool:
     """Whether the reserve forward takes these tensors: those the fused CPU kernels take
-    (``fused.supports``), sizes that fit the BLAS's 32-bit integers, switched on and built."""
+    (``fused.supports``), sizes that fit the BLAS's 32-bit integers, no CPU autocast, switched
+    on and built."""
     if not (_state["enabled"] and fused.supports(*tensors)) or tensors[0].device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu"):  # the fused kernel runs in the autocast dtype, as the parent's does
         return False
     if any(t.numel() >= 2**31 for t in tensors):
         return False
