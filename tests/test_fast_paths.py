@@ -10,7 +10,7 @@ import torch
 from hwbptt import HighwayOptions, linear_scan, linear_scan_reference
 from hwbptt.kernels import cpu_scan
 from hwbptt.scan import linear_scan_torch, scan_backend
-from hwbptt.torch import HighwayGRU, HighwayLSTM, fused, reserve
+from hwbptt.torch import HighwayGRU, HighwayLSTM, fused, gemm, reserve
 from hwbptt.torch.gru_math import FastGRUTape, GRUTape, GRUWeights, make_gru_tape
 from hwbptt.torch.lstm_math import FastLSTMTape, LSTMTape, LSTMWeights, make_lstm_tape
 
@@ -273,3 +273,50 @@ def test_layers_reserve_equals_recompute(cls, packed):
 
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- GEMM backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "strided rows", "transposed"])
+def test_gemm_linear_t_matches_matmul(dtype, layout):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, 2, 37, generator=g, dtype=dtype)
+    a = {"contiguous": base[:, 0].contiguous(), "strided rows": base[:, 1], "transposed": torch.randn(37, 40, generator=g, dtype=dtype).t()}[layout]
+    w = torch.randn(19, 37, generator=g, dtype=dtype)
+    expected_backend = "onednn" if dtype == torch.float32 and gemm._onednn_ok() else "torch.mm"
+    assert gemm.backend(a, w) == expected_backend
+    ref = (a.double() @ w.double().t()).to(dtype)
+    torch.testing.assert_close(gemm.linear_t(a, w), ref, **_tol(dtype))
+    with gemm.use_onednn(False):
+        assert gemm.backend(a, w) == "torch.mm"
+    with torch.enable_grad():
+        assert gemm.backend(a.clone().requires_grad_(True), w) == "torch.mm"  # a graph wanted: autograd's mm
+
+
+def test_gemm_status_names_the_backend():
+    assert ("oneDNN" in gemm.status()) == gemm._onednn_ok()
+    with pytest.raises(TypeError, match="on=1"):
+        with gemm.use_onednn(1):
+            pass
+
+
+@pytest.mark.parametrize("cls", [HighwayLSTM, HighwayGRU])
+def test_layers_float32_same_gradients_with_either_gemm(cls):
+    torch.manual_seed(4)
+    m = cls(6, 8, iterations=3)
+    x = torch.randn(13, 5, 6, requires_grad=True)
+
+    def grads():
+        m.zero_grad()
+        x.grad = None
+        out, _ = m(x)
+        out.sin().sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+
+    fast = grads()
+    with gemm.use_onednn(False):
+        slow = grads()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -31,7 +31,7 @@ import torch
 
 from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint
 
-from . import fused, reserve
+from . import fused, gemm, reserve
 
 __all__ = ["GRUWeights", "GRUTape", "FastGRUTape", "make_gru_tape"]
 
@@ -167,6 +167,11 @@ class FastGRUTape(GRUTape):
     def h_prev(self) -> torch.Tensor:
         return torch.cat([self.h0.unsqueeze(0), self.y[:-1]])
 
+    def _w_hh_t(self) -> torch.Tensor:
+        if "_w_hh_t_" not in self.__dict__:
+            self._w_hh_t_ = self.w.w_hh.t().contiguous()
+        return self._w_hh_t_
+
     def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         buf = self.__dict__.get(name)
         if buf is None:
@@ -189,7 +194,7 @@ class FastGRUTape(GRUTape):
         q[-1].zero_()
         _, dgh = fused.gru_dgates(lam, self.gates, self._gh, self.h0, self.y, with_input=False, out=self._buffer("_dgh_buf", (T, B, H3)))
         if T > 1:
-            torch.mm(dgh[1:].view(-1, H3), self.w.w_hh, out=q[:-1].view(-1, H))
+            q[:-1].view(-1, H).copy_(gemm.linear_t(dgh[1:].view(-1, H3), self._w_hh_t()))
         return q
 
     def input_grads(self, w: torch.Tensor, needs: dict[str, bool]) -> dict[str, torch.Tensor | None]:
@@ -199,7 +204,7 @@ class FastGRUTape(GRUTape):
         H = H3 // 3
         gi2, gh2 = dgi.view(T * B, H3), dgh.view(T * B, H3)
         out: dict[str, torch.Tensor | None] = {}
-        out["x"] = torch.mm(gi2, self.w.w_ih).view(T, B, -1) if needs["x"] else None
+        out["x"] = gemm.linear_t(gi2, self.w.w_ih.t().contiguous()).view(T, B, -1) if needs["x"] else None
         out["h0"] = torch.mm(dgh[0], self.w.w_hh) + w[0] * self.z[0] if needs["h0"] else None
         out["w_ih"] = gi2.t().mm(self._x2) if needs["w_ih"] else None
         if needs["w_hh"]:

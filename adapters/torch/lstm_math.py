@@ -43,7 +43,7 @@ import torch
 
 from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint, linear_scan
 
-from . import fused, reserve
+from . import fused, gemm, reserve
 
 __all__ = ["LSTMWeights", "LSTMTape", "FastLSTMTape", "make_lstm_tape", "lstm_cell_states"]
 
@@ -313,10 +313,12 @@ class FastLSTMTape(LSTMTape):
         self._dpre_buf = dpre_buf = self.gates.new_empty(self.gates.shape)  # reused by input_grads
         wh_box = [lh]
 
+        w_hh_t = self.w.w_hh.t().contiguous()
+
         def block(dc: torch.Tensor) -> torch.Tensor:
             dpre = self.dpre(dc, wh_box[0], out=dpre_buf)
             if T > 1:
-                torch.mm(dpre[1:].view(-1, H4), self.w.w_hh, out=q[:-1].view(-1, P))
+                q[:-1].view(-1, P).copy_(gemm.linear_t(dpre[1:].view(-1, H4), w_hh_t))
             wh_box[0] = torch.add(lh, q, out=wh)
             return torch.mul(self.to_m(q), self.readout_gain, out=r)
 
@@ -329,7 +331,7 @@ class FastLSTMTape(LSTMTape):
         flat = dpre.view(T * B, H4)
         P = self.w.w_hh.shape[1]
         out: dict[str, torch.Tensor | None] = {}
-        out["x"] = torch.mm(flat, self.w.w_ih).view(T, B, -1) if needs["x"] else None
+        out["x"] = gemm.linear_t(flat, self.w.w_ih.t().contiguous()).view(T, B, -1) if needs["x"] else None
         out["h0"] = torch.mm(dpre[0], self.w.w_hh) if needs["h0"] else None
         out["c0"] = dc[0] * self.f[0] if needs["c0"] else None
         out["w_ih"] = flat.t().mm(self._x2) if needs["w_ih"] else None
