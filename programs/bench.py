@@ -128,9 +128,13 @@ def _median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
 
 
 def measure_machine() -> dict[str, float]:
-    """Large-matmul throughput (FLOP/s) and copy bandwidth (bytes/s, read + write)."""
+    """Large-matmul throughput (FLOP/s: the faster of ``torch.mm`` and the GEMM the tapes
+    use, ``hwbptt.torch.gemm``) and copy bandwidth (bytes/s, read + write)."""
+    from hwbptt.torch import gemm
+
     a, b = torch.randn(4096, 512), torch.randn(512, 1024)
-    t = _median_time(lambda: a @ b)
+    b_t = b.t().contiguous()
+    t = min(_median_time(lambda: a @ b), _median_time(lambda: gemm.linear_t(a, b_t)))
     x = torch.randn(16 * 1024 * 1024)  # 64 MiB
     y = torch.empty_like(x)
     c = _median_time(lambda: y.copy_(x))
@@ -613,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hwbptt.kernels import status
     from hwbptt.kernels.cpu_scan import available as scan_available
-    from hwbptt.torch import fused, reserve
+    from hwbptt.torch import fused, gemm, reserve
 
     quick = args.quick
     args.T = args.T or ([1024] if quick else [256, 1024])
@@ -635,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     print("compiled kernels: " + ", ".join(f"{k}: {v}" for k, v in kernel_status.items()))
     print("LSTM/GRU forward: " + ("keeps the gates (hwbptt.torch.reserve: C time loop + PyTorch's BLAS)" if _keeps_gates()
           else "the fused kernel; the backward rebuilds the gates (reserve path unavailable)"))
+    print("tape GEMMs: " + gemm.status())
     print("torch.compile: not used (the fused paths are C kernels; without a C compiler the eager torch paths run, as listed above)")
     machine = measure_machine()
     print(f"machine: large matmul {machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, copy {machine['copy_bytes_per_s'] / 1e9:.1f} GB/s")
