@@ -48,6 +48,13 @@ class ArrayOps(Protocol):
         ``traced``)."""
 
 
+# Optional, for ops whose arrays can be written in place:
+#   reverse_scan_sum(a, b, c, out) -> array   reverse_scan(a, b + c) without forming b + c,
+#                                             written into ``out`` where it can (else new).
+# The loop then hands each iteration the array of the estimate two iterations back as
+# ``out`` (nothing reads it any more): no new large array per iteration.
+
+
 # Optional, for ops whose arrays are symbolic (a traced graph: TensorFlow's
 # ``tf.function``, XLA), where a Python ``if`` cannot read an array's value:
 #   traced: bool                      True: ``norm`` returns a scalar array, and
@@ -79,13 +86,15 @@ def highway_adjoint(
     traced = bool(getattr(ops, "traced", False))
     a = residual if gamma == 0.0 else residual * (1.0 - gamma)
     u = ops.reverse_scan(a, local)
+    scan_sum = None if traced else getattr(ops, "reverse_scan_sum", None)
+    spare = None  # with scan_sum: the estimate two iterations back, free to overwrite
     stopped = None  # traced with tol: scalar boolean array, true once tol was met
     for _ in range(iterations):
         v = block(u)
         if gamma != 0.0:
             # The part of K moved into J: γ a_t ⊙ u_{t+1}.
             v = v + ops.shift_next(u) * residual * gamma
-        u_next = ops.reverse_scan(a, local + v)
+        u_next = ops.reverse_scan(a, local + v) if scan_sum is None else scan_sum(a, local, v, spare)
         if traced and (tol is not None or record):
             u, stopped = _traced_update(ops, u, u_next, tol, stopped, diagnostics)
             continue
@@ -93,11 +102,11 @@ def highway_adjoint(
         if tol is not None or record:
             change = ops.norm(u_next - u) / max(ops.norm(u_next), 1e-30)
             diagnostics.update_norms.append(change)
-            u = u_next
+            spare, u = u, u_next
             if tol is not None and change <= tol:
                 break
         else:
-            u = u_next
+            spare, u = u, u_next
     return u, diagnostics
 
 

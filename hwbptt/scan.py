@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["linear_scan", "linear_scan_reference", "linear_scan_torch", "scan_backend"]
+__all__ = ["linear_scan", "linear_scan_reference", "linear_scan_torch", "reverse_scan_sum", "scan_backend"]
 
 # Below this length the reduction's per-level overhead outweighs a plain loop.
 _SEQUENTIAL_BELOW = 8
@@ -148,6 +148,26 @@ def _kernel_scan(a: torch.Tensor, b: torch.Tensor, reverse: bool, backend: str) 
     return scan_3d(a3, b3, reverse).view(b.shape)
 
 
+def reverse_scan_sum(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear_scan(a, b + c, reverse=True)`` along dim 0 without forming ``b + c``, written
+    into ``out`` (a contiguous tensor of ``b``'s shape and dtype overlapping no input) where
+    the compiled CPU kernel runs; elsewhere ``out`` is not used. ``a`` broadcasts to ``b``."""
+    a, b, _ = _check(a, b, 0)
+    if (
+        c.shape == b.shape and c.dtype == b.dtype and c.device == b.device and b.shape[0] > 0
+        and not _needs_graph(a, b) and not _needs_graph(c, c) and scan_backend(a, b) == "cpu-kernel"
+        and a.dtype == b.dtype and b.dtype not in _LOW_PRECISION
+    ):
+        from .kernels.cpu_scan import scan_3d
+
+        a3, b3, c3 = _lanes_3d(a), _lanes_3d(b), _lanes_3d(c)
+        if out is None or out.shape != b.shape or out.dtype != b.dtype or not out.is_contiguous():
+            out = None
+        u = scan_3d(a3, b3, True, out=None if out is None else out.view(b3.shape), c=c3)
+        return u.view(b.shape)
+    return linear_scan(a, b + c, reverse=True)
+
+
 def linear_scan_torch(a: torch.Tensor, b: torch.Tensor, reverse: bool = False, dim: int = 0) -> torch.Tensor:
     """``linear_scan`` on the plain-torch odd-even reduction, whatever the inputs."""
     return _linear_scan(a, b, reverse, dim, force_torch=True)
@@ -189,6 +209,10 @@ class _TorchArrayOps:
     @staticmethod
     def reverse_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return linear_scan(a, b, reverse=True, dim=0)
+
+    @staticmethod
+    def reverse_scan_sum(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return reverse_scan_sum(a, b, c, out)
 
     @staticmethod
     def shift_next(u: torch.Tensor) -> torch.Tensor:

@@ -93,3 +93,69 @@ def test_bad_input():
         linear_scan(torch.ones(3), torch.ones(3), dim=5)
     with pytest.raises(TypeError, match="tensors"):
         linear_scan([1.0], torch.ones(1))
+
+
+# ----------------------------------------------------------------------------- scan of a sum
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 2, 9, 40])
+def test_reverse_scan_sum_matches_reference(dtype, T):
+    from hwbptt.scan import reverse_scan_sum
+
+    g = torch.Generator().manual_seed(T)
+    big = torch.rand(T, 3, 30, generator=g)
+    a = big[:, :, 3:20].to(dtype)  # strided, as the tapes pass f_{t+1}
+    b = torch.randn(3, T, 17, generator=g).transpose(0, 1).to(dtype)  # non-contiguous
+    c = torch.randn(T, 3, 17, generator=g).to(dtype)
+    ref = linear_scan_reference(a.float(), b.float() + c.float(), reverse=True)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reverse_scan_sum(a, b, c).float(), ref, **tol)
+    out = torch.full((T, 3, 17), float("nan"), dtype=dtype)
+    got = reverse_scan_sum(a, b, c, out)
+    torch.testing.assert_close(got.float(), ref, **tol)
+    assert got.dtype == dtype and got.shape == b.shape
+
+
+def test_reverse_scan_sum_writes_into_out_on_the_cpu_kernel():
+    from hwbptt.kernels import cpu_scan
+    from hwbptt.scan import reverse_scan_sum
+
+    if not cpu_scan.available():
+        pytest.skip("no C compiler: kernels not built")
+    a, b, c = torch.rand(6, 4, 5), torch.randn(6, 4, 5), torch.randn(6, 4, 5)
+    out = torch.empty(6, 4, 5)
+    assert reverse_scan_sum(a, b, c, out).data_ptr() == out.data_ptr()
+
+
+class _OpsWithoutScanSum:
+    """TORCH_OPS without the optional in-place method: the engine's plain path."""
+
+    def __init__(self):
+        from hwbptt import TORCH_OPS
+
+        self.reverse_scan, self.shift_next, self.norm = TORCH_OPS.reverse_scan, TORCH_OPS.shift_next, TORCH_OPS.norm
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 6])
+@pytest.mark.parametrize("mode", ["plain", "record", "tol", "gamma"])
+def test_engine_in_place_scan_path_equals_plain_path(k, mode):
+    """The engine reuses the estimate two iterations back as the scan's output: the
+    iterates must be those of the path that allocates a new array each iteration."""
+    from hwbptt import TORCH_OPS, highway_adjoint
+
+    g = torch.Generator().manual_seed(k)
+    T, N = 12, 7
+    a = torch.rand(T, N, generator=g, dtype=torch.float64)
+    local = torch.randn(T, N, generator=g, dtype=torch.float64)
+    J = torch.randn(T, N, N, generator=g, dtype=torch.float64) * 0.3
+
+    def block(u):  # v_t = u_{t+1} J_{t+1}; reads u only within the call
+        v = torch.einsum("tn,tnm->tm", u[1:], J[1:])
+        return torch.cat([v, torch.zeros_like(u[:1])])
+
+    kw = {"plain": {}, "record": {"record": True}, "tol": {"tol": 1e-3}, "gamma": {"gamma": 0.5}}[mode]
+    got, d1 = highway_adjoint(a, local, block, iterations=k, ops=TORCH_OPS, **kw)
+    ref, d2 = highway_adjoint(a, local, block, iterations=k, ops=_OpsWithoutScanSum(), **kw)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert d1.iterations == d2.iterations and d1.update_norms == pytest.approx(d2.update_norms)

@@ -22,15 +22,21 @@ __all__ = ["scan_3d", "available"]
 
 _SOURCE = r"""
 #include <stddef.h>
+/* c (with strides scT, scM) is an optional second b: u_t = a_t u_{t-1} + b_t + c_t. */
 #define SCAN(NAME, TYPE)                                                               \
 void NAME(long T, long K, long m_lo, long m_hi, int reverse,                           \
           const TYPE* a, long saT, long saM, const TYPE* b, long sbT, long sbM,         \
-          TYPE* u, long M) {                                                            \
+          TYPE* u, long M, const TYPE* c, long scT, long scM) {                         \
   long t0 = reverse ? T - 1 : 0, step = reverse ? -1 : 1;                               \
   for (long m = m_lo; m < m_hi; ++m) {                                                  \
     const TYPE* restrict bb = b + t0 * sbT + m * sbM;                                   \
     TYPE* restrict uu = u + (t0 * M + m) * K;                                           \
-    for (long k = 0; k < K; ++k) uu[k] = bb[k];                                         \
+    if (c) {                                                                            \
+      const TYPE* restrict cc = c + t0 * scT + m * scM;                                 \
+      for (long k = 0; k < K; ++k) uu[k] = bb[k] + cc[k];                               \
+    } else {                                                                            \
+      for (long k = 0; k < K; ++k) uu[k] = bb[k];                                       \
+    }                                                                                   \
   }                                                                                     \
   for (long n = 1; n < T; ++n) {                                                        \
     long t = t0 + n * step;                                                             \
@@ -39,7 +45,12 @@ void NAME(long T, long K, long m_lo, long m_hi, int reverse,                    
       const TYPE* restrict bt = b + t * sbT + m * sbM;                                  \
       const TYPE* restrict up = u + ((t - step) * M + m) * K;                           \
       TYPE* restrict ut = u + (t * M + m) * K;                                          \
-      for (long k = 0; k < K; ++k) ut[k] = aa[k] * up[k] + bt[k];                      \
+      if (c) {                                                                          \
+        const TYPE* restrict ct = c + t * scT + m * scM;                                \
+        for (long k = 0; k < K; ++k) ut[k] = aa[k] * up[k] + bt[k] + ct[k];            \
+      } else {                                                                          \
+        for (long k = 0; k < K; ++k) ut[k] = aa[k] * up[k] + bt[k];                    \
+      }                                                                                 \
     }                                                                                   \
   }                                                                                     \
 }
@@ -60,21 +71,24 @@ def _lib():
         L, P, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
         for dtype, name in ((torch.float32, "scan_f32"), (torch.float64, "scan_f64")):
             fn = getattr(lib, name)
-            fn.argtypes = [L, L, L, L, I, P, L, L, P, L, L, P, L]
+            fn.argtypes = [L, L, L, L, I, P, L, L, P, L, L, P, L, P, L, L]
             fn.restype = None
             _FUNCS[dtype] = fn
     return lib
 
 
-def scan_3d(a: torch.Tensor, b: torch.Tensor, reverse: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``a``, ``b``: (T, M, K) CPU tensors of one dtype (float32/float64), stride 1 on K.
-    Returns ``u`` (T, M, K) contiguous (``out`` if given, which must not overlap ``a``)."""
+def scan_3d(a: torch.Tensor, b: torch.Tensor, reverse: bool, out: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
+    """``a``, ``b`` (and ``c``): (T, M, K) CPU tensors of one dtype (float32/float64), stride
+    1 on K. Returns ``u`` (T, M, K) contiguous for the recurrence with ``b_t + c_t`` in
+    place of ``b_t`` when ``c`` is given (``out`` if given, which must overlap no input)."""
     if _lib() is None:
         raise RuntimeError("the compiled CPU scan is unavailable; see hwbptt.kernels.status()")
     T, M, K = b.shape
     assert a.shape == b.shape and a.dtype == b.dtype and a.stride(2) == 1 and b.stride(2) == 1
+    assert c is None or (c.shape == b.shape and c.dtype == b.dtype and c.stride(2) == 1)
     u = torch.empty((T, M, K), dtype=b.dtype) if out is None else out
     fn = _FUNCS[b.dtype]
-    args = (ptr(a), a.stride(0), a.stride(1), ptr(b), b.stride(0), b.stride(1), ptr(u), M)
+    cs = (ptr(c), c.stride(0), c.stride(1)) if c is not None else (ptr(None), 0, 0)
+    args = (ptr(a), a.stride(0), a.stride(1), ptr(b), b.stride(0), b.stride(1), ptr(u), M, *cs)
     run_parallel(lambda lo, hi: fn(T, K, lo, hi, int(reverse), *args), M, T * M * K)
     return u
