@@ -172,12 +172,6 @@ class FastGRUTape(GRUTape):
             self._w_hh_t_ = self.w.w_hh.t().contiguous()
         return self._w_hh_t_
 
-    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        buf = self.__dict__.get(name)
-        if buf is None:
-            buf = self.__dict__[name] = self.gates.new_empty(shape)
-        return buf
-
     def gate_grads(self, lam: torch.Tensor, t: int | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         if t != slice(None):
             return super().gate_grads(lam, t)
@@ -185,17 +179,18 @@ class FastGRUTape(GRUTape):
         return fused.gru_dgates(lam, self.gates, self._gh, self.h0, self.y, with_input=True, out=self.__dict__.pop("_dgh_buf", None))
 
     def block(self, lam: torch.Tensor) -> torch.Tensor:
-        # Buffers allocated once per tape: a fresh large tensor per iteration costs its page
-        # faults again (about as much as the arithmetic on a 2-core CPU). The engine reads
-        # the result before the next call and keeps none of it.
+        # dgh's buffer is allocated once per tape: a fresh large tensor per iteration costs
+        # its page faults again (about as much as the arithmetic on a 2-core CPU).
         T, B, H3 = self.gates.shape
         H = H3 // 3
-        q = self._buffer("_block_out", (T, B, H))
-        q[-1].zero_()
-        _, dgh = fused.gru_dgates(lam, self.gates, self._gh, self.h0, self.y, with_input=False, out=self._buffer("_dgh_buf", (T, B, H3)))
-        if T > 1:
-            q[:-1].view(-1, H).copy_(gemm.linear_t(dgh[1:].view(-1, H3), self._w_hh_t()))
-        return q
+        if "_dgh_buf" not in self.__dict__:  # (again after input_grads took the last one)
+            # dgh with one zero row after the last step: the product of rows 1..T with
+            # W_hh is the shifted result itself (zero at the last step), with no copy.
+            self._dgh_pad = self.gates.new_empty((T + 1, B, H3))
+            self._dgh_pad[T].zero_()
+            self._dgh_buf = self._dgh_pad[:T]
+        fused.gru_dgates(lam, self.gates, self._gh, self.h0, self.y, with_input=False, out=self._dgh_pad[:T])
+        return gemm.linear_t(self._dgh_pad[1:].view(-1, H3), self._w_hh_t()).view(T, B, H)
 
     def input_grads(self, w: torch.Tensor, needs: dict[str, bool]) -> dict[str, torch.Tensor | None]:
         T, B = w.shape[:2]

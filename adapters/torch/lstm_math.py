@@ -300,7 +300,7 @@ class FastLSTMTape(LSTMTape):
         return q
 
     def _gates_block(self, lh: torch.Tensor) -> tuple:
-        """As ``LSTMTape._gates_block``, writing ``q``, ``wh`` and ``R(q)`` into buffers
+        """As ``LSTMTape._gates_block``, writing ``dpre``, ``wh`` and ``R(q)`` into buffers
         allocated once per backward: a fresh large tensor per iteration costs its page
         faults again (measured: about as much as the iteration's arithmetic on a 2-core
         CPU). Safe because the engine reads the returned ``R(q)`` before the next call and
@@ -308,17 +308,19 @@ class FastLSTMTape(LSTMTape):
         T, B, P = lh.shape
         H = self.c.shape[-1]
         H4 = self.gates.shape[-1]
-        q, wh, r = lh.new_empty((T, B, P)), lh.new_empty((T, B, P)), lh.new_empty((T, B, H))
-        q[-1].zero_()
-        self._dpre_buf = dpre_buf = self.gates.new_empty(self.gates.shape)  # reused by input_grads
+        wh, r = lh.new_empty((T, B, P)), lh.new_empty((T, B, H))
+        # dpre with one zero row after the last step: the product of rows 1..T with W_hh
+        # is q itself (zero at the last step), with no copy into a shifted buffer.
+        dpre_pad = self.gates.new_empty((T + 1, B, H4))
+        dpre_pad[T].zero_()
+        self._dpre_buf = dpre_buf = dpre_pad[:T]  # reused by input_grads
         wh_box = [lh]
 
         w_hh_t = self.w.w_hh.t().contiguous()
 
         def block(dc: torch.Tensor) -> torch.Tensor:
-            dpre = self.dpre(dc, wh_box[0], out=dpre_buf)
-            if T > 1:
-                q[:-1].view(-1, P).copy_(gemm.linear_t(dpre[1:].view(-1, H4), w_hh_t))
+            self.dpre(dc, wh_box[0], out=dpre_buf)
+            q = gemm.linear_t(dpre_pad[1:].view(-1, H4), w_hh_t).view(T, B, P)
             wh_box[0] = torch.add(lh, q, out=wh)
             return torch.mul(self.to_m(q), self.readout_gain, out=r)
 
