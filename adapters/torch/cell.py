@@ -115,8 +115,10 @@ def _loop(cell: Callable, x: torch.Tensor, s0: tuple[torch.Tensor, ...], is_tupl
 
 def _flat(components: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], T: int, B: int) -> torch.Tensor:
     """Components (T·B, ...) -> one (T, B, N) tensor; ``None`` reads as zeros."""
+    # Explicit sizes: with B = 0 (or an empty state) a -1 would be ambiguous.
     parts = [
-        (torch.zeros_like(ref) if c is None else c).reshape(T, B, -1) for c, ref in zip(components, like)
+        (torch.zeros_like(ref) if c is None else c).reshape(T, B, math.prod(ref.shape[1:]))
+        for c, ref in zip(components, like)
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
@@ -264,10 +266,23 @@ _BATCHED_RECOMPUTE = (
 
 
 def _check_recompute(new: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    """The batched recompute must give the forward's states: the same non-finite entries
+    (a NaN/Inf input or state propagates the same way in both), and, where both are
+    finite, the same values up to rounding."""
     for i, (n, s) in enumerate(zip(new, saved)):
         n = n.detach()
+        finite = torch.isfinite(s)
+        if not torch.equal(torch.isfinite(n), finite):
+            moved = int((torch.isfinite(n) != finite).sum())
+            raise RuntimeError(
+                f"HighwayRNN: the cell gives different states when called on the flattened T·B batch than in the "
+                f"step-by-step forward (state component {i}: {moved} entries are non-finite (NaN/Inf) in one and "
+                "finite in the other). The cell mixes batch rows (e.g. batch statistics) or is random (e.g. dropout "
+                "in training mode). " + _BATCHED_RECOMPUTE
+            )
         eps = torch.finfo(s.dtype).eps if s.is_floating_point() else 0.0
         tol = 4 * math.sqrt(eps)  # one step's rounding is far below; a dropout mask or batch statistic far above
+        s, n = s[finite], n[finite]
         scale = float(s.abs().max()) if s.numel() else 0.0
         diff = float((n - s).abs().max()) if s.numel() else 0.0
         if not diff <= tol * max(scale, 1.0):
@@ -446,8 +461,13 @@ class HighwayRNN(nn.Module, HighwayOptionsMixin):
       once on the T·B batch and reuses that graph for every iteration's block VJP and
       the final parameter/input/initial-state VJP. Gradients reach the cell's
       ``parameters()``, the input and the initial state (other tensors the cell may
-      capture get none). The batched recompute is compared to the forward's states and a
-      mismatch raises ``RuntimeError``.
+      capture get none). The batched recompute is compared to the forward's states (the
+      same non-finite entries, the same finite values up to rounding) and a mismatch
+      raises ``RuntimeError``. NaN/Inf propagate as in BPTT.
+
+    ``torch.jit.script`` raises ``RuntimeError``; ``torch.jit.trace`` raises
+    ``RuntimeError`` on the Highway path (trace under ``torch.no_grad()`` or with
+    ``iterations=None``: the trace records the loop).
 
     ``forward(input, state=None) -> (outputs, final_state)``:
 
@@ -488,6 +508,13 @@ class HighwayRNN(nn.Module, HighwayOptionsMixin):
         self.batch_first = batch_first
         self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, diagnostics=diagnostics)
         self.last_diagnostics: Diagnostics | None = None
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "HighwayRNN cannot be compiled by torch.jit.script: its forward is a Python loop over any cell and its "
+            "Highway-BP backward is a Python torch.autograd.Function. Use torch.compile, or script a loop over the "
+            "cell itself (its gradient is BPTT's)."
+        )
 
     def extra_repr(self) -> str:
         res = self.residual if isinstance(self.residual, (str, type(None))) else getattr(self.residual, "__name__", "callable")
@@ -562,6 +589,12 @@ class HighwayRNN(nn.Module, HighwayOptionsMixin):
             stacked = _loop(self.cell, x, s0, is_tuple)
             self._check_residual_once(residual, x, s0, stacked, is_tuple)
         else:
+            if torch.jit.is_tracing():
+                raise RuntimeError(
+                    "HighwayRNN: torch.jit.trace cannot record Highway-BP's backward (a Python "
+                    "torch.autograd.Function). Trace under torch.no_grad() or with iterations=None (the loop over "
+                    "the cell and BPTT)."
+                )
             norms, drops = _row_mixing_modules(self.cell)
             if norms or drops:
                 what = []

@@ -133,48 +133,102 @@ def test_torch_compile_same_gradients():
     assert json.loads(out.stdout.strip().splitlines()[-1])["err"] <= 1e-12
 
 
-@pytest.mark.xfail(strict=True, reason="cell.py: _flat/_unflat reshape (T, B, -1) with B = 0 is ambiguous. Fix: reshape "
-                   "with explicit sizes (math.prod of the component's trailing shape) or return zero gradients when "
-                   "the batch is empty.")
-def test_empty_batch_as_the_loop():
-    m, cell = pair("gru", iterations=2)
-    x, w = torch.randn(5, 0, 3, dtype=torch.float64), torch.randn(5, 0, 4, dtype=torch.float64)
-    for a, b in zip(highway_grads(m, x, w), loop_grads(cell, x, w)):
-        torch.testing.assert_close(a, b)
-
-
-@pytest.mark.xfail(strict=True, reason="cell.py: _check_recompute compares states with NaN (diff = nan fails "
-                   "'diff <= tol') and blames the cell for mixing batch rows. Fix: compare only where both the saved "
-                   "and the recomputed states are finite, and require the non-finite masks to be equal.")
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_nan_input_propagates_as_the_loop(kind):
-    T = 10
-    m, cell = pair(kind, iterations=T)
-    x, w = torch.randn(T, 2, 3, dtype=torch.float64), torch.randn(T, 2, 4, dtype=torch.float64)
-    x[4, 1, 0] = float("nan")
+@pytest.mark.parametrize("iterations", [None, 2])
+def test_empty_batch_as_the_loop(kind, iterations):
+    m, cell = pair(kind, iterations=iterations)
+    x, w = torch.randn(5, 0, 3, dtype=torch.float64), torch.randn(5, 0, 4, dtype=torch.float64)
+    y, final = m(x.clone().requires_grad_(True))
+    assert y.shape == (5, 0, 4)
+    for f in final if isinstance(final, tuple) else (final,):
+        assert f.shape == (0, 4)
     got, exp = highway_grads(m, x, w), loop_grads(cell, x, w)
+    assert got[0].shape == x.shape
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("iterations", [None, 2, 10])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_input_propagates_as_the_loop(kind, iterations, bad):
+    """Exactly the entries BPTT makes non-finite are non-finite; the finite ones agree
+    (exact mode and k = T; the pattern only at k = 2)."""
+    T = 10
+    m, cell = pair(kind, iterations=iterations)
+    x, w = torch.randn(T, 2, 3, dtype=torch.float64), torch.randn(T, 2, 4, dtype=torch.float64)
+    x[4, 1, 0] = bad
+    with torch.no_grad():
+        y_loop = torch.stack([s[0] if isinstance(s, tuple) else s for s in _states(cell, x)])
+    torch.testing.assert_close(m(x.clone().requires_grad_(True))[0], y_loop, rtol=0, atol=0, equal_nan=True)
+    got, exp = highway_grads(m, x, w), loop_grads(cell, x, w)
+    if bad != bad:  # NaN reaches row 1's whole input gradient, not row 0's
+        assert not torch.isfinite(exp[0][:, 1]).any() and torch.isfinite(exp[0][:, 0]).all()
     for a, b in zip(got, exp):
         assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+        if iterations != 2:
+            fin = torch.isfinite(b)
+            torch.testing.assert_close(a[fin], b[fin], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="cell.py: torch.jit.script fails deep inside with 'Comprehension ifs are not "
-                   "supported yet'. Fix: define HighwayRNN.__prepare_scriptable__ raising a RuntimeError that says "
-                   "HighwayRNN cannot be scripted (its backward is a Python autograd.Function), as rnn.py does.")
+def _states(cell, x):
+    s, out = None, []
+    for t in range(x.shape[0]):
+        s = cell(x[t], s)
+        out.append(s)
+    return out
+
+
+class _BatchMeanCell(nn.Module):
+    """Mixes batch rows (adds the batch mean of the input): a NaN in one row reaches
+    every row of its step in the loop, and every row of every step in one T·B call."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4, dtype=torch.float64)
+
+    def forward(self, x, s):
+        return torch.tanh(self.lin(x + x.mean(0, keepdim=True)) + s)
+
+    def initial_state(self, batch, device, dtype):
+        return torch.zeros(batch, 4, device=device, dtype=dtype)
+
+
+def test_nan_in_a_row_mixing_cell_still_refused():
+    """A NaN does not hide a cell that mixes batch rows: the non-finite entries differ."""
+    m = HighwayRNN(_BatchMeanCell(), iterations=3)
+    bad = torch.randn(6, 2, 3, dtype=torch.float64)
+    bad[3, 1, 0] = float("nan")
+    y, _ = m(bad.requires_grad_(True))
+    with pytest.raises(RuntimeError, match=r"non-finite \(NaN/Inf\) in one and finite in the other.*mixes batch rows"):
+        y.sum().backward()
+
+
 def test_jit_script_raises_clearly():
     m, _ = pair(iterations=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match="HighwayRNN.*torch.jit.script"):
-            torch.jit.script(m)
+        for target in (m, nn.Sequential(m, nn.Linear(4, 2, dtype=torch.float64))):
+            with pytest.raises(RuntimeError, match="HighwayRNN cannot be compiled by torch.jit.script"):
+                torch.jit.script(target)
 
 
-@pytest.mark.xfail(strict=True, reason="cell.py: torch.jit.trace on the Highway path fails with 'unordered_map::at'. "
-                   "Fix: in forward, raise a RuntimeError naming torch.jit.trace when torch.jit.is_tracing() and the "
-                   "Highway path is taken (as rnn.py does).")
 def test_jit_trace_raises_clearly():
-    m, _ = pair(iterations=2)
+    """Highway path: a clear error. Under no_grad or with iterations=None: the trace
+    records the loop; its outputs (and, exact, its gradients) are the loop's."""
+    m, cell = pair(iterations=2)
     x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        with pytest.raises(RuntimeError, match="HighwayRNN: torch.jit.trace cannot record Highway-BP"):
             torch.jit.trace(m, (x,))
+        with torch.no_grad():
+            traced = torch.jit.trace(m, (x,))
+        m.iterations = None
+        traced_exact = torch.jit.trace(m, (x,))
+    x2, w = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(5, 2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y_loop = torch.stack([s[0] for s in _states(cell, x2)])
+        torch.testing.assert_close(traced(x2)[0], y_loop, rtol=1e-12, atol=1e-12)
+    for a, b in zip(highway_grads(traced_exact, x2, w), loop_grads(cell, x2, w)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
