@@ -40,8 +40,10 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from hwbptt.engine import highway_adjoint
-from hwbptt.options import Diagnostics, HighwayOptions, HighwayOptionsMixin, effective_iterations
+from hwbptt.options import CheckFiniteMixin, Diagnostics, HighwayOptions, HighwayOptionsMixin, effective_iterations
 from hwbptt.scan import TORCH_OPS
+
+from .finite import nonfinite_at, nonfinite_at_step, raise_nonfinite
 
 __all__ = ["HighwayRNN"]
 
@@ -417,11 +419,11 @@ class _HighwayRNNFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- module
 
 
-class HighwayRNN(nn.Module, HighwayOptionsMixin):
+class HighwayRNN(CheckFiniteMixin, nn.Module, HighwayOptionsMixin):
     """Run any recurrent cell over a sequence, trained with Highway-BP.
 
     ``HighwayRNN(cell, residual=None, batch_first=False, iterations=3, tol=None,
-    gamma=0.0, diagnostics=False)``
+    gamma=0.0, diagnostics=False, check_finite=False)``
 
     ``cell(x_t, state) -> state``: an ``nn.LSTMCell``, ``nn.GRUCell`` (or ``nn.RNNCell``),
     or any module or function taking a batch ``x_t`` of shape (B, *F) and a state (a tensor
@@ -450,6 +452,12 @@ class HighwayRNN(nn.Module, HighwayOptionsMixin):
     (int >= 0, capped at T; ``None`` for exact), ``tol`` (relative early stop),
     ``gamma`` (residual shift, ``1`` is FPI), ``diagnostics`` (``False``, ``True`` or
     ``"debug"``). ``split`` (an LSTM-layer option) is not used here.
+
+    ``check_finite`` (bool, default ``False``; a validated attribute): raise
+    ``FloatingPointError`` for a NaN/Inf in the input, the initial state (naming its batch
+    row), the outputs or final state (forward), or the upstream gradient of the outputs or
+    of the final state (backward), naming the tensor and the first time step where it
+    appears. When ``False``, non-finite values propagate as BPTT propagates them.
 
     Gradient modes:
 
@@ -496,6 +504,7 @@ class HighwayRNN(nn.Module, HighwayOptionsMixin):
         tol: float | None = None,
         gamma: float = 0.0,
         diagnostics: bool | str = False,
+        check_finite: bool = False,
     ):
         super().__init__()
         if not callable(cell):
@@ -507,6 +516,7 @@ class HighwayRNN(nn.Module, HighwayOptionsMixin):
         object.__setattr__(self, "residual", _check_residual_option(residual))
         self.batch_first = batch_first
         self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, diagnostics=diagnostics)
+        self.check_finite = check_finite
         self.last_diagnostics: Diagnostics | None = None
 
     def __prepare_scriptable__(self):
@@ -518,10 +528,13 @@ class HighwayRNN(nn.Module, HighwayOptionsMixin):
 
     def extra_repr(self) -> str:
         res = self.residual if isinstance(self.residual, (str, type(None))) else getattr(self.residual, "__name__", "callable")
-        return (
+        extra = (
             f"residual={res!r}, batch_first={self.batch_first}, iterations={self.iterations}, "
             f"tol={self.tol}, gamma={self.gamma}, diagnostics={self.diagnostics!r}"
         )
+        if self.check_finite:
+            extra += ", check_finite=True"
+        return extra
 
     # -- initial state ---------------------------------------------------------------------
 
@@ -578,6 +591,10 @@ class HighwayRNN(nn.Module, HighwayOptionsMixin):
         if T == 0:
             raise ValueError(f"input must have at least one time step, got shape {tuple(input.shape)}")
         s0, is_tuple = self._prepare_state(state, B, unbatched, x)
+        check = self.check_finite
+        time_dim = 1 if self.batch_first and not unbatched else 0  # of the input and the outputs
+        if check:
+            self._check_inputs_finite(input, time_dim, s0, is_tuple)
         options = self.highway_options
         residual = _Residual(_check_residual_option(self.residual), self.cell)
         params = [p for p in self.cell.parameters() if p.requires_grad] if isinstance(self.cell, nn.Module) else []
@@ -617,7 +634,46 @@ class HighwayRNN(nn.Module, HighwayOptionsMixin):
             final = _pack([c.squeeze(0) for c in _components(final)], is_tuple)
         elif self.batch_first:
             outputs = outputs.transpose(0, 1)
+        if check:
+            self._guard_outputs(outputs, time_dim, final, is_tuple, T)
         return outputs, final
+
+    # -- check_finite ------------------------------------------------------------------------
+
+    @staticmethod
+    def _state_names(n: int, is_tuple: bool, what: str) -> list[str]:
+        return [f"{what}[{i}]" for i in range(n)] if is_tuple else [what]
+
+    def _check_inputs_finite(self, input: torch.Tensor, time_dim: int, s0: tuple[torch.Tensor, ...], is_tuple: bool) -> None:
+        raise_nonfinite("HighwayRNN", "input", nonfinite_at(input, time_dim), "forward")
+        for name, c in zip(self._state_names(len(s0), is_tuple, "initial state"), s0):
+            # found along dim 0 of the state: the batch row (the state precedes step 0)
+            raise_nonfinite("HighwayRNN", name, nonfinite_at(c, 0), "forward", "batch row")
+
+    def _guard_outputs(self, outputs: torch.Tensor, time_dim: int, final: Any, is_tuple: bool, T: int) -> None:
+        """The forward check of the outputs and final state; hooks checking their upstream
+        gradients in the backward."""
+        finals = _components(final)
+        names = self._state_names(len(finals), is_tuple, "final state")
+        raise_nonfinite("HighwayRNN", "output", nonfinite_at(outputs, time_dim), "forward")
+        for name, f in zip(names, finals):
+            raise_nonfinite("HighwayRNN", name, nonfinite_at_step(f, T - 1), "forward")
+        if not torch.is_grad_enabled():
+            return
+
+        def hook(what: str, time_dim: int | None):
+            def fn(grad: torch.Tensor) -> None:
+                if grad is None or not grad.numel():
+                    return
+                found = nonfinite_at_step(grad, T - 1) if time_dim is None else nonfinite_at(grad, time_dim)
+                raise_nonfinite("HighwayRNN", f"the upstream gradient of {what}", found, "backward")
+            return fn
+
+        if outputs.requires_grad:
+            outputs.register_hook(hook("output", time_dim))
+        for name, f in zip(names, finals):
+            if f.requires_grad:
+                f.register_hook(hook(name, None))
 
     @staticmethod
     def _check_residual_once(residual: _Residual, x, s0, stacked, is_tuple) -> None:

@@ -44,21 +44,10 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from hwbptt import Diagnostics, HighwayOptionsMixin
 from hwbptt.options import CheckFiniteMixin
 
+from .finite import nonfinite_at, nonfinite_at_step, raise_nonfinite
 from .layer import gru_layer, lstm_layer, reverse_within
 
 __all__ = ["HighwayLSTM", "HighwayGRU"]
-
-
-def _nonfinite_at(t: torch.Tensor, time_dim: int) -> tuple[int, float] | None:
-    """``(first time index, a bad value)`` of a non-finite entry of ``t``, or ``None``."""
-    t = t.detach()
-    bad = ~torch.isfinite(t)
-    if not bool(bad.any()):
-        return None
-    per_step = bad.movedim(time_dim, 0).reshape(t.shape[time_dim], -1)
-    step = int(per_step.any(1).nonzero()[0, 0])
-    value = float(t.movedim(time_dim, 0)[step].reshape(-1)[per_step[step]][0])
-    return step, value
 
 
 def _packed_steps(batch_sizes: torch.Tensor) -> torch.Tensor:
@@ -136,27 +125,21 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
         return 1 if self.batch_first and isinstance(input, torch.Tensor) and input.dim() == 3 else 0
 
     def _raise_nonfinite(self, what: str, found: tuple[int, float] | None, phase: str, step_name: str = "step") -> None:
-        if found is None:
-            return
-        step, value = found
-        raise FloatingPointError(
-            f"{type(self).__name__} (check_finite=True): {what} has a non-finite value ({value}) in the {phase}, "
-            f"first at {step_name} {step}"
-        )
+        raise_nonfinite(type(self).__name__, what, found, phase, step_name)
 
     def _check_inputs_finite(self, input: Any, hx: Any) -> None:
         if isinstance(input, PackedSequence):
-            found = _nonfinite_at(input.data, 0)
+            found = nonfinite_at(input.data, 0)
             if found is not None:
                 found = (int(_packed_steps(input.batch_sizes)[found[0]]), found[1])
             self._raise_nonfinite("input", found, "forward")
         elif isinstance(input, torch.Tensor) and input.numel():
-            self._raise_nonfinite("input", _nonfinite_at(input, self._time_dim(input)), "forward")
+            self._raise_nonfinite("input", nonfinite_at(input, self._time_dim(input)), "forward")
         if hx is not None:
             for i, s in enumerate(self._as_tuple(hx)):
                 if isinstance(s, torch.Tensor) and s.numel():
                     # found along dim 0 of the state: the layer·direction index (the state precedes step 0)
-                    self._raise_nonfinite(f"initial state hx[{i}]", _nonfinite_at(s, 0), "forward", "layer/direction index")
+                    self._raise_nonfinite(f"initial state hx[{i}]", nonfinite_at(s, 0), "forward", "layer/direction index")
 
     def _guard_outputs(self, input: Any, output: Any, h: Any, highway: bool, check: bool) -> None:
         """Forward check of the outputs; backward hooks: the upstream gradient's check and,
@@ -168,13 +151,12 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
         finals = self._as_tuple(h)
         T = int(len(output.batch_sizes)) if packed else out.shape[time_dim]
         if check and out.numel():
-            found = _nonfinite_at(out, time_dim)
+            found = nonfinite_at(out, time_dim)
             if found is not None and steps is not None:
                 found = (int(steps[found[0]]), found[1])
             self._raise_nonfinite("output", found, "forward")
             for i, s in enumerate(finals):
-                found = _nonfinite_at(s.unsqueeze(0), 0)
-                self._raise_nonfinite(f"final state h_n[{i}]", None if found is None else (T - 1, found[1]), "forward")
+                self._raise_nonfinite(f"final state h_n[{i}]", nonfinite_at_step(s, T - 1), "forward")
         if not torch.is_grad_enabled():
             return
         name = type(self).__name__
@@ -191,10 +173,9 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
                     )
                 if check and grad is not None and grad.numel():
                     if time_dim is None:  # a final state: read at the last step
-                        found = _nonfinite_at(grad.unsqueeze(0), 0)
-                        found = None if found is None else (T - 1, found[1])
+                        found = nonfinite_at_step(grad, T - 1)
                     else:
-                        found = _nonfinite_at(grad, time_dim)
+                        found = nonfinite_at(grad, time_dim)
                         if found is not None and steps is not None:
                             found = (int(steps[found[0]]), found[1])
                     self._raise_nonfinite(f"the upstream gradient of {what}", found, "backward")

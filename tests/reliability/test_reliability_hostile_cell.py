@@ -232,3 +232,101 @@ def test_jit_trace_raises_clearly():
         torch.testing.assert_close(traced(x2)[0], y_loop, rtol=1e-12, atol=1e-12)
     for a, b in zip(highway_grads(traced_exact, x2, w), loop_grads(cell, x2, w)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- check_finite
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("iterations", [None, 3])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_cell_check_finite_forward_names_step(kind, iterations, batch_first):
+    torch.manual_seed(0)
+    cell = (nn.LSTMCell if kind == "lstm" else nn.GRUCell)(3, 4, dtype=torch.float64)
+    m = HighwayRNN(cell, iterations=iterations, batch_first=batch_first, check_finite=True)
+    x = torch.randn(30, 2, 3, dtype=torch.float64)
+    w = torch.randn(30, 2, 4, dtype=torch.float64)
+    lay = (lambda t: t.transpose(0, 1)) if batch_first else (lambda t: t)
+    checked = highway_grads(m, lay(x), lay(w))  # finite: no error, and the hooks change nothing
+    m.check_finite = False
+    for a, b in zip(checked, highway_grads(m, lay(x), lay(w))):
+        assert torch.equal(a, b)
+    m.check_finite = True
+    bad = x.clone()
+    bad[13, 1, 0] = float("nan")
+    bad[21, 0, 2] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"HighwayRNN \(check_finite=True\): input has a non-finite value \(nan\) in the forward, first at step 13$"):
+        m(lay(bad))
+    with pytest.raises(FloatingPointError, match=r"input has a non-finite value \(nan\) in the forward, first at step 13$"):
+        m(bad[:, 1])  # unbatched (T, I)
+    h = torch.zeros(2, 4, dtype=torch.float64)
+    h[1, 3] = float("-inf")
+    state, name = ((h, torch.zeros_like(h)), r"initial state\[0\]") if kind == "lstm" else (h, "initial state")
+    with pytest.raises(FloatingPointError, match=name + r" has a non-finite value \(-inf\) in the forward, first at batch row 1$"):
+        m(lay(x), state)
+    # off: nothing raises, and the NaN propagates as loop BPTT propagates it
+    m.check_finite = False
+    got, exp = highway_grads(m, lay(bad), lay(w)), loop_grads(cell, bad, w)
+    got[0] = lay(got[0])  # the input gradient, back to (T, B, I)
+    assert not torch.isfinite(got[0]).all()
+    for a, b in zip(got, exp):
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+
+
+def _overflowing(x, s):
+    """s_t = 1e100 s_{t-1} + x_t: finite inputs, the state overflows to Inf at step 2 from s_{-1} = 1e90."""
+    return s * 1e100 + x
+
+
+@pytest.mark.parametrize("iterations", [None, 3])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_cell_check_finite_outputs_and_upstream_gradient(iterations, batch_first):
+    x = torch.rand(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    s0 = torch.full((2, 3), 1e90, dtype=torch.float64, requires_grad=True)
+    m = HighwayRNN(_overflowing, residual="identity", iterations=iterations, check_finite=True)
+    with torch.no_grad():
+        expected_step = next(t for t, s in enumerate(_states(_overflowing_with_state(s0), x)) if not torch.isfinite(s).all())
+    with pytest.raises(FloatingPointError, match=rf"output has a non-finite value \(inf\) in the forward, first at step {expected_step}$"):
+        m(x, s0)
+
+    torch.manual_seed(0)
+    m = HighwayRNN(nn.LSTMCell(3, 4, dtype=torch.float64), iterations=iterations, check_finite=True, batch_first=batch_first)
+    x = torch.randn((2, 20, 3) if batch_first else (20, 2, 3), dtype=torch.float64, requires_grad=True)
+    y, (h, c) = m(x)
+    w = torch.ones_like(y)
+    w[(1, 9, 2) if batch_first else (9, 1, 2)] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"the upstream gradient of output has a non-finite value \(nan\) in the backward, first at step 9$"):
+        (y * w).sum().backward()
+    y, (h, c) = m(x)
+    with pytest.raises(FloatingPointError, match=r"the upstream gradient of final state\[1\] has a non-finite value \(inf\) in the backward, first at step 19$"):
+        (y.sum() + (c * float("inf")).sum()).backward()
+    y, (h, c) = m(x)  # h_n is the last output: its own check names it, not the output's
+    with pytest.raises(FloatingPointError, match=r"the upstream gradient of final state\[0\] has a non-finite value \(nan\) in the backward, first at step 19$"):
+        (y.sum() + (h * float("nan")).sum()).backward()
+    m.check_finite = False  # off: the backward runs; the NaN reaches the input gradient as in loop BPTT
+    y, _ = m(x)
+    x.grad = None
+    (y * w).sum().backward()
+    assert not torch.isfinite(x.grad).all()
+
+
+def _overflowing_with_state(s0):
+    """The loop reference for ``_overflowing`` from ``s0`` (``_states`` starts from None)."""
+    def cell(x, s):
+        return _overflowing(x, s0 if s is None else s)
+    return cell
+
+
+def test_cell_check_finite_option_validation_repr_and_copies():
+    m = HighwayRNN(nn.GRUCell(3, 4))
+    assert m.check_finite is False and "check_finite" not in repr(m)
+    with pytest.raises(TypeError, match="check_finite=1"):
+        HighwayRNN(nn.GRUCell(3, 4), check_finite=1)
+    with pytest.raises(TypeError, match="check_finite='yes'"):
+        m.check_finite = "yes"
+    m.check_finite = True
+    assert "check_finite=True" in repr(m)
+    for dup in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert dup.check_finite is True
+        with pytest.raises(FloatingPointError, match="first at step 2"):
+            dup(torch.tensor([[[0.0, 0.0, 0.0]]] * 2 + [[[float("nan"), 0.0, 0.0]]]))
