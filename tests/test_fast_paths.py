@@ -289,8 +289,12 @@ def test_gemm_linear_t_matches_matmul(dtype, layout):
     assert gemm.backend(a, w) == expected_backend
     ref = (a.double() @ w.double().t()).to(dtype)
     torch.testing.assert_close(gemm.linear_t(a, w), ref, **_tol(dtype))
+    bias = torch.randn(19, generator=g, dtype=dtype)
+    with_bias = (a.double() @ w.double().t() + bias.double()).to(dtype)
+    torch.testing.assert_close(gemm.linear_t(a, w, bias), with_bias, **_tol(dtype))
     with gemm.use_onednn(False):
         assert gemm.backend(a, w) == "torch.mm"
+        torch.testing.assert_close(gemm.linear_t(a, w, bias), with_bias, **_tol(dtype))
     with torch.enable_grad():
         assert gemm.backend(a.clone().requires_grad_(True), w) == "torch.mm"  # a graph wanted: autograd's mm
 

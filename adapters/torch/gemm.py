@@ -6,9 +6,9 @@ on this project's 2-core AMD machine at 2-2.5x MKL's float32 throughput for the 
 shapes ``(T·B, 4H) @ (4H, H)`` (``docs/performance.md``). Both compute the same product
 in float32 (no reduced-precision mode); the results differ only by summation order.
 
-``linear_t(a, w)`` returns ``a @ w.T`` (``a``: (N, K), ``w``: (M, K)) through oneDNN for
-CPU float32 tensors without an autograd graph when PyTorch was built with it, else through
-``torch.mm``. ``backend(a, w)`` says which; ``use_onednn(False)`` switches oneDNN off (for
+``linear_t(a, w, bias)`` returns ``a @ w.T + bias`` (``a``: (N, K), ``w``: (M, K), ``bias``
+(M,) or ``None``) through oneDNN for CPU float32 tensors without an autograd graph when
+PyTorch was built with it, else through ``torch.mm``/``torch.addmm``. ``backend(a, w)`` says which; ``use_onednn(False)`` switches oneDNN off (for
 comparisons). The first call checks oneDNN's product against ``torch.mm`` on a small
 problem and, if they disagree, oneDNN is not used (``status()`` then says why).
 """
@@ -68,11 +68,11 @@ def backend(a: torch.Tensor, w: torch.Tensor) -> str:
     return "torch.mm"
 
 
-def linear_t(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a @ w.T`` for ``a`` (N, K) and ``w`` (M, K): a new (N, M) tensor."""
-    if backend(a, w) == "onednn":
-        return _onednn_op()(a if a.stride(-1) == 1 else a.contiguous(), w, None, "none", [], "")
-    return torch.mm(a, w.t())
+def linear_t(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ w.T (+ bias)`` for ``a`` (N, K), ``w`` (M, K), ``bias`` (M,): a new (N, M) tensor."""
+    if backend(a, w) == "onednn" and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")):
+        return _onednn_op()(a if a.stride(-1) == 1 else a.contiguous(), w, bias, "none", [], "")
+    return torch.mm(a, w.t()) if bias is None else torch.addmm(bias, a, w.t())
 
 
 @contextlib.contextmanager

@@ -8,14 +8,14 @@ them:
 
 LSTM (gate order i, f, g, o; no ``proj_size``)::
 
-    pre_t = W_ih x_t + b_ih + b_hh                  (one matmul over all T·B rows)
+    pre_t = W_ih x_t + b_ih + b_hh                  (one matmul over all T·B rows, gemm.linear_t)
     pre_t += W_hh h_{t-1}                           (one BLAS gemm per step)
     [i, f, g, o]_t = [σ, σ, tanh, σ](pre_t)          (in place)
     c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t,   h_t = o_t ⊙ tanh(c_t)
 
 GRU (gate order r, z, n)::
 
-    gi_t = W_ih x_t + b_ih                          (one matmul over all T·B rows)
+    gi_t = W_ih x_t + b_ih                          (one matmul over all T·B rows, gemm.linear_t)
     gh_t = W_hh h_{t-1} + b_hh                      (one BLAS gemm per step)
     r, z = σ(gi_{r,z} + gh_{r,z}),  n = tanh(gi_n + r ⊙ gh_n)   (in place in gi)
     h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1}
@@ -46,7 +46,7 @@ import torch
 
 from hwbptt.kernels.cbuild import load, ptr
 
-from . import fused
+from . import fused, gemm
 
 __all__ = ["available", "enabled", "use", "supports", "lstm_forward", "gru_forward"]
 
@@ -165,6 +165,30 @@ def supports(*tensors: torch.Tensor) -> bool:
     return available()
 
 
+def _input_projection(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``W_ih x_t + bias`` for every step, in a (T+1, B, G) buffer whose row ``T`` is zero.
+
+    Through ``gemm.linear_t`` (oneDNN where it runs) on ``x`` padded with one step, since
+    that GEMM cannot write into a given buffer and copying ``x`` is cheaper than copying the
+    G-wide result; ``torch.addmm`` into the buffer otherwise."""
+    T, B, I = x.shape
+    G = w_ih.shape[0]
+    if T * B > 0 and gemm.backend(x[0], w_ih) == "onednn":
+        x_pad = x.new_empty((T + 1, B, I))
+        x_pad[:T].copy_(x)
+        x_pad[T].zero_()
+        buf = gemm.linear_t(x_pad.view(-1, I), w_ih, bias).view(T + 1, B, G)
+    else:
+        buf = x.new_empty((T + 1, B, G))
+        x2 = x.reshape(T * B, I)
+        if bias is not None:
+            torch.addmm(bias, x2, w_ih.t(), out=buf[:T].view(T * B, G))
+        else:
+            torch.mm(x2, w_ih.t(), out=buf[:T].view(T * B, G))
+    buf[T].zero_()
+    return buf
+
+
 def lstm_forward(
     x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     bias: torch.Tensor | None,
@@ -176,14 +200,8 @@ def lstm_forward(
     and ``gain = o (1 - tanh² c)``, each (T, B, H). ``bias`` is ``b_ih + b_hh`` or ``None``."""
     T, B = x.shape[:2]
     H = w_hh.shape[1]
-    buf = x.new_empty((T + 1, B, 4 * H))
-    buf[T].zero_()
+    buf = _input_projection(x, w_ih, bias)
     pre = buf[:T].view(T * B, 4 * H)
-    x2 = x.reshape(T * B, -1)
-    if bias is not None:
-        torch.addmm(bias, x2, w_ih.t(), out=pre)
-    else:
-        torch.mm(x2, w_ih.t(), out=pre)
     y, c, tanh_c, gain = (x.new_empty((T, B, H)) for _ in range(4))
     w_hh, h0, c0 = w_hh.contiguous(), h0.contiguous(), c0.contiguous()
     _FN[("lstm", x.dtype)](_gemm[x.dtype], T, B, H, ptr(pre), ptr(w_hh), ptr(h0), ptr(c0), ptr(y), ptr(c), ptr(tanh_c), ptr(gain))
@@ -201,14 +219,8 @@ def gru_forward(
     reads its ``n`` part); ``y`` (T, B, H) the hidden states."""
     T, B = x.shape[:2]
     H = w_hh.shape[1]
-    buf = x.new_empty((T + 1, B, 3 * H))
-    buf[T].zero_()
+    buf = _input_projection(x, w_ih, b_ih)
     gi = buf[:T].view(T * B, 3 * H)
-    x2 = x.reshape(T * B, -1)
-    if b_ih is not None:
-        torch.addmm(b_ih, x2, w_ih.t(), out=gi)
-    else:
-        torch.mm(x2, w_ih.t(), out=gi)
     gh, y = x.new_empty((T, B, 3 * H)), x.new_empty((T, B, H))
     w_hh, h0 = w_hh.contiguous(), h0.contiguous()
     b_hh = None if b_hh is None else b_hh.contiguous()
