@@ -406,6 +406,25 @@ class _SmallCell(nn.Module):
         return torch.zeros(batch, self.hidden, device=device, dtype=dtype)
 
 
+def _rebuild_variant(suite: str, ks: list[int | None]) -> int | None:
+    """The ``k`` at which the LSTM/GRU suites also time the forward that rebuilds the gates
+    in the backward (``hwbptt.torch.reserve`` off): 1 if run, else the smallest ``k``."""
+    if suite not in ("lstm", "gru") or not _keeps_gates():
+        return None
+    ints = [k for k in ks if k is not None]
+    return (1 if 1 in ints else min(ints)) if ints else None
+
+
+def _without_reserve(f: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    from hwbptt.torch import reserve
+
+    def g() -> torch.Tensor:
+        with reserve.use(False):
+            return f()
+
+    return g
+
+
 def run_torch_suite(suite: str, T: int, B: int, H: int, ks: list[int | None], args: Any, machine: dict, bar: Any) -> list[dict]:
     if suite in ("lstm", "gru"):
         variants, x = _rnn_pair(suite, T, B, H, ks, args.seed)
@@ -419,8 +438,17 @@ def run_torch_suite(suite: str, T: int, B: int, H: int, ks: list[int | None], ar
         baseline = "Python-loop BPTT"
     params = {name: [x, *m.parameters()] for name, (m, _) in variants.items()}
     runs = {name: _timed_step(f, params[name]) for name, (_, f) in variants.items()}
+    rebuild_k = _rebuild_variant(suite, ks)
+    if rebuild_k is not None:
+        # The same layer with the forward that does not keep the gates (timed alongside, not a row).
+        _, f = variants[f"k={rebuild_k}"]
+        runs["rebuild"] = _timed_step(_without_reserve(f), params[f"k={rebuild_k}"])
     repeats = args._repeats_for(suite)
     times = interleaved(runs, args.warmup, repeats, bar)
+    if rebuild_k is not None:
+        keep, rebuild = times[f"k={rebuild_k}"]["step"], times.pop("rebuild")["step"]
+        args._forward_choice.append({"suite": suite, "T": T, "B": B, "H": H, "k": rebuild_k,
+                                     "keep_ms": keep * 1e3, "rebuild_ms": rebuild * 1e3})
     rows = []
     base_t = times["bptt"]
     extras = not args.no_extras
@@ -632,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     args._repeats_for = lambda suite: repeats if suite in ("lstm", "gru") else (1 if quick else max(1, min(repeats, 2)))
     args._packed_model = "lstm"
     args._memory_jobs = []
+    args._forward_choice = []
     scan_available(), fused.available(), reserve.available()
     kernel_status = status()
     print(f"hwbptt bench: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
@@ -656,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             plan += [("cell", 1024 if quick else 4096, 8, 32)]
         elif suite == "lstmcell":
             plan += [("lstmcell", 128 if quick else 1024, 32, 128)]
-    total = sum((len(args.k) + 1) * (args.warmup + args._repeats_for(s)) for s, *_ in plan)
+    total = sum((len(args.k) + 1 + (s in ("lstm", "gru") and _keeps_gates())) * (args.warmup + args._repeats_for(s)) for s, *_ in plan)
     rows: list[dict] = []
     notes: list[str] = []
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -698,6 +727,13 @@ def main(argv: list[str] | None = None) -> int:
     print("floor x: step time / (matmul FLOPs at the measured matmul rate + elementwise bytes at the measured copy rate).")
     for n in notes:
         print("note: " + n)
+    if args._forward_choice:
+        print()
+        print("LSTM/GRU forward, timed in the same run: keeping the gates (hwbptt.torch.reserve) vs the fused kernel")
+        print("with the gates rebuilt in the backward, full training step:")
+        for c in args._forward_choice:
+            print(f"  {c['suite']:<4} T={c['T']:<5} B={c['B']:<3} H={c['H']:<4} k={c['k']}: keep {c['keep_ms']:.1f} ms, "
+                  f"rebuild {c['rebuild_ms']:.1f} ms -> keeping is {c['rebuild_ms'] / c['keep_ms']:.2f}x as fast")
     if ops:
         print()
         print(f"backward operator calls (aten ops + compiled-kernel calls), T={ops[0]['T1']} -> T={ops[0]['T2']}:")
@@ -716,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m hwbptt bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernel_status,
         "machine": machine, "gpu_model": H100, "rows": rows, "op_counts": ops, "notes": notes,
+        "forward_choice": args._forward_choice,
     }
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -21,6 +21,12 @@ def test_bench_smoke(tmp_path, capsys):
         assert -1.0001 <= r["cosine"] <= 1.0001
     assert next(r for r in rows if r["k"] == "exact")["cosine"] > 0.9999
     assert data["op_counts"] and all(o["ops_T1"] > 0 for o in data["op_counts"])
+    from hwbptt.torch import reserve
+
+    if reserve.available():  # the forward that keeps the gates is timed against the one that rebuilds them
+        assert {(c["suite"], c["k"]) for c in data["forward_choice"]} == {("lstm", 1), ("gru", 1)}
+        assert all(c["keep_ms"] > 0 and c["rebuild_ms"] > 0 for c in data["forward_choice"])
+        assert "keeping is" in out
 
 
 def test_bench_rejects_bad_flags(capsys):

@@ -29,7 +29,7 @@ recompute path, which gives the same gradients.
 
 Which path is faster was measured, not assumed (``docs/performance.md``); ``use(False)``
 switches this path off for comparisons (``tests/test_fast_paths.py`` checks that both give
-the same states and gradients; the bench times both).
+the same states and gradients; ``python -m hwbptt bench`` times both in the same run).
 
 References: the framework's fused forward (``torch._VF.lstm``/``gru``) for the states and
 ``LSTMTape``/``GRUTape`` (eager torch) for the gates.
