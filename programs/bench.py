@@ -141,6 +141,39 @@ def measure_machine() -> dict[str, float]:
     return {"matmul_flops_per_s": 2 * 4096 * 512 * 1024 / t, "copy_bytes_per_s": 2 * x.numel() * 4 / c}
 
 
+def scan_bandwidth(shapes: list[tuple[int, int, int]], repeats: int = 7) -> list[dict]:
+    """The linear scan's bandwidth against a plain copy on the same tensors: for each
+    (T, B, H), the reverse scan of ``a``, ``b`` into ``u`` (reads ``a``, ``b``, writes
+    ``u``; the compiled kernel writes into the preallocated ``u``, as in the Highway
+    iteration) and ``u.copy_(b)``, timed interleaved; bandwidth = bytes moved / median time.
+    Both write into memory already touched, so no page faults are timed."""
+    from hwbptt.kernels.cpu_scan import scan_3d
+    from hwbptt.scan import linear_scan, scan_backend
+
+    out = []
+    for T, B, H in shapes:
+        a, b, u = torch.rand(T, B, H), torch.randn(T, B, H), torch.zeros(T, B, H)
+        if scan_backend(a, b) == "cpu-kernel":
+            scan = lambda: scan_3d(a, b, True, out=u)  # noqa: E731
+        else:
+            scan = lambda: linear_scan(a, b, reverse=True, dim=0)  # noqa: E731
+        runs = {"scan": scan, "copy": lambda: u.copy_(b)}
+        samples: dict[str, list[float]] = {n: [] for n in runs}
+        for f in runs.values():
+            f()
+        for _ in range(repeats):
+            for n, f in runs.items():
+                t0 = time.perf_counter()
+                f()
+                samples[n].append(time.perf_counter() - t0)
+        t_scan, t_copy = statistics.median(samples["scan"]), statistics.median(samples["copy"])
+        size = b.numel() * b.element_size()
+        out.append({"T": T, "B": B, "H": H, "backend": scan_backend(a, b), "MB_per_tensor": size / 1e6,
+                    "scan_GBps": 3 * size / t_scan / 1e9, "copy_GBps": 2 * size / t_copy / 1e9,
+                    "ratio": (3 * size / t_scan) / (2 * size / t_copy)})
+    return out
+
+
 # ----------------------------------------------------------------------------- cost model
 
 
@@ -715,8 +748,9 @@ def main(argv: list[str] | None = None) -> int:
         if not meter.ok:
             notes.append("peak memory not measured (needs Linux /proc)")
     args._memory_jobs.clear()
-    ops = []
+    ops, scans = [], []
     if not args.no_extras:
+        scans = scan_bandwidth(sorted({(T, B, H) for T in args.T for B in args.B for H in args.H}) + [(4096, 32, 128)])
         with tqdm(total=2 * (3 + 3 + 2), desc="operator counts", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
             ops = op_counts(args, bar)
 
@@ -739,6 +773,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backward operator calls (aten ops + compiled-kernel calls), T={ops[0]['T1']} -> T={ops[0]['T2']}:")
         for o in ops:
             print(f"  {o['model']:<9} {o['variant']:<8} {o['ops_T1']:>7} -> {o['ops_T2']:>7}  ({o['growth']:.2f}x)")
+    if scans:
+        print()
+        print("linear scan vs a copy on the same tensors (bandwidth = bytes moved / time; scan: a, b read, u written):")
+        for c in scans:
+            print(f"  T={c['T']:<5} B={c['B']:<3} H={c['H']:<4} ({c['MB_per_tensor']:.0f} MB per tensor, {c['backend']}): "
+                  f"scan {c['scan_GBps']:.1f} GB/s, copy {c['copy_GBps']:.1f} GB/s -> {100 * c['ratio']:.0f}% of the copy's")
     gpu = [r for r in rows if "gpu_model_speedup" in r]
     if gpu:
         print()
@@ -752,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m hwbptt bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernel_status,
         "machine": machine, "gpu_model": H100, "rows": rows, "op_counts": ops, "notes": notes,
-        "forward_choice": args._forward_choice,
+        "forward_choice": args._forward_choice, "scan_bandwidth": scans,
     }
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -21,6 +21,8 @@ def test_bench_smoke(tmp_path, capsys):
         assert -1.0001 <= r["cosine"] <= 1.0001
     assert next(r for r in rows if r["k"] == "exact")["cosine"] > 0.9999
     assert data["op_counts"] and all(o["ops_T1"] > 0 for o in data["op_counts"])
+    assert [(c["T"], c["B"], c["H"]) for c in data["scan_bandwidth"]] == [(12, 2, 4), (4096, 32, 128)]
+    assert all(c["scan_GBps"] > 0 and c["copy_GBps"] > 0 for c in data["scan_bandwidth"])
     from hwbptt.torch import reserve
 
     if reserve.available():  # the forward that keeps the gates is timed against the one that rebuilds them
