@@ -11,6 +11,7 @@ and the backend's autodiff for user cells, or the exact adjoint with
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import keras
@@ -40,6 +41,17 @@ def _analytic_math(cell: Any) -> Any:
     return None
 
 
+def _check_sequences_shape(shape: Any) -> None:
+    """``sequences`` must be (batch, time, features) with at least one time step (the
+    wrapped layer fails on a wrong rank with its input spec's error, on T = 0 deep inside
+    the backend)."""
+    shape = tuple(None if n is None else int(n) for n in shape)
+    if len(shape) != 3:
+        raise ValueError(f"HighwayRNN: sequences must be 3-D (batch, time, features), got shape {shape}")
+    if shape[1] == 0:
+        raise ValueError(f"HighwayRNN: sequences must have at least one time step, got shape {shape}")
+
+
 @keras.saving.register_keras_serializable(package="hwbptt")
 class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
     """Highway-BP for a Keras recurrent layer.
@@ -63,6 +75,10 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
 
     The options are validated attributes: ``layer.iterations = 10`` takes effect at the
     next call (in a compiled ``model.fit``, at the next trace).
+
+    ``sequences`` must be (batch, time, features) with at least one time step
+    (``ValueError`` naming ``sequences`` otherwise). The inputs of masked steps are never
+    read: a NaN/Inf there reaches neither the outputs nor the gradients.
     """
 
     def __init__(self, layer: Any, iterations: int | None = 3, tol: float | None = None, gamma: float = 0.0,
@@ -139,6 +155,7 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
 
     # ------------------------------------------------------------ keras plumbing
     def build(self, sequences_shape: Any, initial_state_shape: Any = None) -> None:
+        _check_sequences_shape(sequences_shape)
         self._check_supported()
         if not self.layer.built:
             self.layer.build(sequences_shape)
@@ -170,6 +187,7 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
         inner, cell = self.layer, self.layer.cell
         options = self.highway_options
         x = ops.convert_to_tensor(sequences, dtype=self.compute_dtype)
+        _check_sequences_shape(x.shape)
         batch = ops.shape(x)[0]
         if initial_state is None:
             states = inner.get_initial_state(batch)
@@ -187,6 +205,9 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
             if isinstance(mask, (list, tuple)):
                 mask = mask[0]
             m_tm = ops.expand_dims(ops.transpose(ops.cast(mask, "bool"), (1, 0)), -1)
+            # Masked steps never reach the outputs; zero their inputs so that a NaN/Inf there
+            # cannot reach the gradients either (as 0·NaN through the masking would).
+            x_tm = ops.where(m_tm, x_tm, ops.zeros_like(x_tm))
         if inner.go_backwards:
             x_tm = ops.flip(x_tm, axis=0)
             m_tm = None if m_tm is None else ops.flip(m_tm, axis=0)
@@ -238,7 +259,7 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config: dict, custom_objects: Any = None) -> "HighwayRNN":
-        config = dict(config)
+        config = copy.deepcopy(config)  # deserialising the wrapped layer pops keys (an RNN's "cell") from its config
         layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
         go_backwards = config.pop("go_backwards", None)
         if go_backwards is not None:  # keras.layers.Bidirectional sets it on our config
