@@ -17,6 +17,11 @@ References: ``LSTMTape``/``GRUTape`` (eager torch); ``tests/test_fast_paths.py``
 the fast tapes against them. Built at first use; when no C compiler is available
 ``available()`` is false and the tapes use their eager path (``hwbptt.kernels.status()``
 says so).
+
+CUDA tensors (float32, float16, bfloat16) go to the Triton twins of these four functions
+in ``hwbptt.torch.triton_cells`` (same arguments, outputs and ``out=`` contracts), imported
+at the first CUDA call, never at import; without Triton, ``supports`` is false for CUDA
+tensors and the tapes use their eager path there.
 """
 
 from __future__ import annotations
@@ -165,14 +170,47 @@ def available() -> bool:
 
 
 def supports(*tensors: torch.Tensor) -> bool:
-    """Whether the fused kernels can take these tensors (CPU, float32/float64, one dtype,
-    no autograd graph wanted) and were built."""
+    """Whether the fused kernels can take these tensors (one dtype, no autograd graph
+    wanted): CPU float32/float64 when the C kernels were built, or CUDA float32/float16/
+    bfloat16 on one device when the Triton kernels are available (``triton_cells``)."""
     t0 = tensors[0]
+    if t0.device.type == "cuda":
+        if any(t.device != t0.device or t.dtype != t0.dtype for t in tensors):
+            return False
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return False
+        cells = _triton_cells()
+        return cells is not None and t0.dtype in cells.DTYPES
     if t0.dtype not in _NAMES or any(t.device.type != "cpu" or t.dtype != t0.dtype for t in tensors):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return available()
+
+
+_CELLS: list = []  # [triton_cells module or None] once looked up
+
+
+def _triton_cells():
+    """``hwbptt.torch.triton_cells`` if Triton can run its kernels here, else ``None``.
+    Imported here, at the first CUDA call, so that importing this module never imports
+    Triton."""
+    if not _CELLS:
+        try:
+            from . import triton_cells
+        except Exception:  # pragma: no cover - depends on the installation
+            triton_cells = None
+        _CELLS.append(triton_cells)
+    cells = _CELLS[0]
+    return cells if cells is not None and cells.available() else None
+
+
+def _gpu(t: torch.Tensor):
+    """The Triton kernels for a tensor not on the CPU (an error if they cannot run)."""
+    cells = _triton_cells()
+    if cells is None:
+        raise RuntimeError(f"the fused gate kernels need Triton for {t.device.type} tensors (see fused.supports)")
+    return cells
 
 
 def _c(t: torch.Tensor) -> torch.Tensor:
@@ -182,11 +220,13 @@ def _c(t: torch.Tensor) -> torch.Tensor:
 def lstm_gates(pre: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In place: ``pre`` (T, B, 4H) contiguous becomes ``[i, f, g, o]``. Returns ``c``,
     ``tanh(c)`` and ``o (1 - tanh² c)``, each (T, B, H)."""
+    if pre.device.type != "cpu":
+        return _gpu(pre).lstm_gates(pre, c0)
     T, B, H4 = pre.shape
     H = H4 // 4
     assert pre.is_contiguous()
     c0 = _c(c0)
-    c, tc, gain = (torch.empty((T, B, H), dtype=pre.dtype) for _ in range(3))
+    c, tc, gain = (torch.empty((T, B, H), dtype=pre.dtype, device=pre.device) for _ in range(3))
     fn = _FN[("lstm_gates", pre.dtype)]
     args = (ptr(pre), ptr(c0), ptr(c), ptr(tc), ptr(gain))
     run_parallel(lambda lo, hi: fn(T, B, H, lo, hi, *args), B, T * B * H4)
@@ -197,6 +237,8 @@ def lstm_dpre(dc: torch.Tensor, m: torch.Tensor, gates: torch.Tensor, c: torch.T
     """Gradient on the gate pre-activations (T, B, 4H) from ``dc`` and the gradient ``m``
     on ``o ⊙ tanh(c)``; ``c_{t-1}`` is read from ``c`` and ``c0``. Written into ``out``
     (contiguous, like ``gates``, overlapping no input) when given."""
+    if gates.device.type != "cpu":
+        return _gpu(gates).lstm_dpre(dc, m, gates, c, c0, tanh_c, out=out)
     T, B, H4 = gates.shape
     H = H4 // 4
     dc, m, c0 = _c(dc), _c(m), _c(c0)
@@ -211,6 +253,8 @@ def lstm_dpre(dc: torch.Tensor, m: torch.Tensor, gates: torch.Tensor, c: torch.T
 
 def gru_gates(gi: torch.Tensor, gh: torch.Tensor) -> None:
     """In place: ``gi`` (T, B, 3H) becomes ``[r, z, n]``; ``gh`` is read (``gh_n`` stays)."""
+    if gi.device.type != "cpu":
+        return _gpu(gi).gru_gates(gi, gh)
     T, B, H3 = gi.shape
     assert gi.is_contiguous() and gh.is_contiguous()
     fn = _FN[("gru_gates", gi.dtype)]
@@ -221,6 +265,8 @@ def gru_dgates(lam: torch.Tensor, gates: torch.Tensor, gh: torch.Tensor, h0: tor
     """``(dgi, dgh)`` (T, B, 3H) for the cotangent ``lam`` (T, B, H) on the outputs;
     ``h_{t-1}`` is read from ``h0`` and ``y``. ``dgi`` only when ``with_input``. ``dgh`` is
     written into ``out`` (contiguous, like ``gates``, overlapping no input) when given."""
+    if gates.device.type != "cpu":
+        return _gpu(gates).gru_dgates(lam, gates, gh, h0, y, with_input, out=out)
     T, B, H3 = gates.shape
     lam, h0, y = _c(lam), _c(h0), _c(y)
     if out is None:
