@@ -62,6 +62,9 @@ def backend(a: torch.Tensor, w: torch.Tensor) -> str:
         and w.dim() == 2
         and a.shape[0] > 0
         and not (torch.is_grad_enabled() and (a.requires_grad or w.requires_grad))
+        # Under torch.compile the compiler picks the GEMM (inductor rejects this op on
+        # inputs it computed itself).
+        and not torch.compiler.is_compiling()
         and _onednn_ok()
     ):
         return "onednn"
