@@ -18,9 +18,10 @@ For a cotangent ``λ_t`` on ``h_t``:
 The adjoint ``w_t`` (total gradient on ``h_t``) solves ``w_t = ℓ_t + w_{t+1} (J + K)_{t+1}``.
 
 ``GRUTape`` is the eager-torch reference; ``FastGRUTape`` (chosen by ``make_gru_tape``
-for CPU float32/float64 when the fused kernels built, ``hwbptt.torch.fused``) computes
-the same with one-pass kernels and no ``torch.cat`` copies; ``tests/test_fast_paths.py``
-compares them.
+where ``hwbptt.torch.fused.supports`` the tensors: CPU float32/float64 when the C kernels
+built, CUDA float32/float16/bfloat16 with Triton) computes the same with one-pass kernels
+and no ``torch.cat`` copies; on CPU its forward may come from ``hwbptt.torch.reserve``
+(``FastGRUTape.from_reserve``). ``tests/test_fast_paths.py`` compares them.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class GRUTape:
 
 
 class FastGRUTape(GRUTape):
-    """``GRUTape`` on the fused CPU kernels; same methods and results."""
+    """``GRUTape`` on the fused kernels; same methods and results."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, w: GRUWeights):
         T, B = x.shape[:2]

@@ -28,11 +28,14 @@ Both are exact after ``T`` iterations and exact on the last ``k+1`` steps after 
 Two implementations of the tape, compared by ``tests/test_fast_paths.py``:
 
 - ``LSTMTape``: eager torch, the readable reference;
-- ``FastLSTMTape`` (chosen by ``make_lstm_tape`` for CPU float32/float64 when the fused
-  kernels built, see ``hwbptt.torch.fused``): the gates written in place into one
-  buffer, the cell-state recurrence fused into the activation kernel, ``dpre`` in one
-  pass, no ``torch.cat`` copies for ``h_{t-1}``, ``c_{t-1}`` or the shifted products
-  (matmuls write into views), ``f_{t+1}`` a view into the gate buffer.
+- ``FastLSTMTape`` (chosen by ``make_lstm_tape`` where ``hwbptt.torch.fused.supports``
+  the tensors: CPU float32/float64 when the C kernels built, CUDA float32/float16/bfloat16
+  with Triton): the gates written in place into one buffer, the cell-state recurrence
+  fused into the activation kernel, ``dpre`` in one pass, no ``torch.cat`` copies for
+  ``h_{t-1}``, ``c_{t-1}`` or the shifted products (a zero row after the last step makes
+  the shifted product one matmul), ``f_{t+1}`` a view into the gate buffer. On CPU its
+  forward may come from ``hwbptt.torch.reserve`` (``FastLSTMTape.from_reserve``), which
+  keeps the gates, instead of being rebuilt from the saved states.
 """
 
 from __future__ import annotations
@@ -232,7 +235,7 @@ class LSTMTape:
 
 
 class FastLSTMTape(LSTMTape):
-    """``LSTMTape`` on the fused CPU kernels (module docstring); same methods and results.
+    """``LSTMTape`` on the fused kernels (module docstring); same methods and results.
 
     Holds the gates (one (T+1, B, 4H) buffer, whose extra zero row makes ``f_{t+1}`` a
     view), ``c``, ``tanh c`` and the readout gain; ``h_prev`` and ``c_prev`` are built
