@@ -48,6 +48,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         shard = slice(rank * 4, rank * 4 + 4)
         loss_fn(ddp(x[shard]), y[shard]).backward()  # mean over the shard; DDP averages the shards
         torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out_dir, f"grads{rank}.pt"))
+        # Both ranks leave together: gloo aborts a process ("terminate called without an
+        # active exception") when its peer tears the group down first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
