@@ -307,7 +307,11 @@ def test_gemm_status_names_the_backend():
 
 
 @pytest.mark.parametrize("cls", [HighwayLSTM, HighwayGRU])
-def test_layers_float32_same_gradients_with_either_gemm(cls):
+@pytest.mark.parametrize("chunked_tn", [False, True], ids=["tn-default", "tn-chunked"])
+def test_layers_float32_same_gradients_with_either_gemm(cls, chunked_tn, monkeypatch):
+    if chunked_tn:  # the weight gradients through gemm.tn's chunked path, with chunks that split steps
+        monkeypatch.setattr(gemm, "_TN_MIN_K", 1)
+        monkeypatch.setattr(gemm, "_TN_CHUNK", 7)
     torch.manual_seed(4)
     m = cls(6, 8, iterations=3)
     x = torch.randn(13, 5, 6, requires_grad=True)
@@ -324,3 +328,27 @@ def test_layers_float32_same_gradients_with_either_gemm(cls):
         slow = grads()
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, 2048])
+@pytest.mark.parametrize("widths", [(150, 131), (5,)])
+def test_gemm_tn_matches_matmul_over_row_pieces(monkeypatch, chunk, widths):
+    """``gemm.tn``: ``d.T @ z`` for blocks given as row pieces, on the chunked oneDNN path
+    (wide blocks, chunks that end inside a piece) and on torch.mm (narrow blocks)."""
+    monkeypatch.setattr(gemm, "_TN_CHUNK", chunk)
+    calls = []
+    real = gemm._transpose_into
+    monkeypatch.setattr(gemm, "_transpose_into", lambda s, d: (calls.append(1), real(s, d)))
+    g = torch.Generator().manual_seed(9)
+    N, B = 61, 4
+    d = torch.randn(N, 23, generator=g)
+    zs = [torch.randn(N, k, generator=g) for k in widths]
+    got = gemm.tn(d, [[z[:B], z[B:]] for z in zs])
+    for out, z in zip(got, zs):
+        torch.testing.assert_close(out, (d.double().t() @ z.double()).float(), rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous()
+    fast = sum(widths) >= gemm._TN_MIN_K and gemm.backend(d, d) == "onednn" and gemm._transpose() is not None
+    assert bool(calls) == fast
+    if fast and chunk == 7:
+        # 9 chunks: d once each, every block once each plus once more where row 4 splits chunk 0
+        assert len(calls) == 9 + len(widths) * (9 + 1)

@@ -202,14 +202,9 @@ class FastGRUTape(GRUTape):
         out: dict[str, torch.Tensor | None] = {}
         out["x"] = gemm.linear_t(gi2, self.w.w_ih.t().contiguous()).view(T, B, -1) if needs["x"] else None
         out["h0"] = torch.mm(dgh[0], self.w.w_hh) + w[0] * self.z[0] if needs["h0"] else None
-        out["w_ih"] = gi2.t().mm(self._x2) if needs["w_ih"] else None
-        if needs["w_hh"]:
-            g = torch.mm(dgh[0].t(), self.h0)
-            if T > 1:
-                g.addmm_(dgh[1:].view(-1, H3).t(), self.y[:-1].view(-1, H))
-            out["w_hh"] = g
-        else:
-            out["w_hh"] = None
+        out["w_ih"] = gemm.tn(gi2, [[self._x2]])[0] if needs["w_ih"] else None
+        # Σ_t dgh_t^T h_{t-1}, with h_{t-1} = [h_0, y_0 .. y_{T-2}].
+        out["w_hh"] = gemm.tn(gh2, [[self.h0, self.y[:-1].view(-1, H)]])[0] if needs["w_hh"] else None
         out["b_ih"] = gi2.sum(0) if needs["b_ih"] else None
         out["b_hh"] = gh2.sum(0) if needs["b_hh"] else None
         out["w_hr"] = None

@@ -339,14 +339,11 @@ class FastLSTMTape(LSTMTape):
         out["x"] = gemm.linear_t(flat, self.w.w_ih.t().contiguous()).view(T, B, -1) if needs["x"] else None
         out["h0"] = torch.mm(dpre[0], self.w.w_hh) if needs["h0"] else None
         out["c0"] = dc[0] * self.f[0] if needs["c0"] else None
-        out["w_ih"] = flat.t().mm(self._x2) if needs["w_ih"] else None
-        if needs["w_hh"]:
-            g = torch.mm(dpre[0].t(), self.h0)
-            if T > 1:
-                g.addmm_(dpre[1:].view(-1, H4).t(), self.y[:-1].view(-1, P))
-            out["w_hh"] = g
-        else:
-            out["w_hh"] = None
+        # Σ_t dpre_t^T x_t and Σ_t dpre_t^T h_{t-1}, with h_{t-1} = [h_0, y_0 .. y_{T-2}].
+        blocks = ([[self._x2]] if needs["w_ih"] else []) + ([[self.h0, self.y[:-1].view(-1, P)]] if needs["w_hh"] else [])
+        grads = iter(gemm.tn(flat, blocks))
+        out["w_ih"] = next(grads) if needs["w_ih"] else None
+        out["w_hh"] = next(grads) if needs["w_hh"] else None
         bias = flat.sum(0) if needs["b_ih"] or needs["b_hh"] else None
         out["b_ih"] = bias if needs["b_ih"] else None
         out["b_hh"] = (bias.clone() if needs["b_ih"] else bias) if needs["b_hh"] else None
