@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--H", type=_ints, default=None, help="hidden sizes (default 128)")
     p.add_argument("--k", type=_ks, default=None, help="iterations, integers or 'exact' (default 0,1,3,10,exact; quick 0,1,3,exact)")
     p.add_argument("--suites", type=_suites, default=list(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 5; quick 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (default 1)")
     p.add_argument("--ops-T", type=_ints, default=[256, 4096], help="the two sequence lengths of the operator count (default 256,4096)")
     p.add_argument("--no-extras", action="store_true", help="skip memory, cosine, operator counts (timing only)")
@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     args.B = args.B or [32]
     args.H = args.H or [128]
     args.k = args.k or ([0, 1, 3, None] if quick else [0, 1, 3, 10, None])
-    repeats = args.repeats or (3 if quick else 5)
+    repeats = args.repeats or 7
     if repeats < 1 or args.warmup < 0:
         print("bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
