@@ -652,13 +652,19 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     suites = [s for s in SUITES if any(r["suite"] == s and r["k"] != "exact" for r in rows)]
-    fig, axes = plt.subplots(1, max(1, len(suites)), figsize=(4 * max(1, len(suites)), 3.4), squeeze=False)
-    for ax, suite in zip(axes[0], suites):
+    cols = min(4, max(1, len(suites)))
+    nrows = -(-max(1, len(suites)) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(suites):]:
+        ax.axis("off")
+    for ax, suite in zip(axes.flat, suites):
         sel = [r for r in rows if r["suite"] == suite and r["k"] != "exact"]
         for T in sorted({r["T"] for r in sel}):
             pts = sorted((int(r["k"]), r["speedup"]) for r in sel if r["T"] == T)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"T={T}")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, max(1.2, 1.1 * max(r["speedup"] for r in sel)))  # from zero, 1x always in view
+        ax.set_xticks(sorted({int(r["k"]) for r in sel}))
         ax.set_title(suite)
         ax.set_xlabel("iterations k")
         ax.set_ylabel("speed-up vs baseline (x)")
