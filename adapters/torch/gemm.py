@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from hwbptt.kernels.cbuild import load, ptr, run_parallel
+from hwbptt.kernels.cbuild import load, ptr, run_parallel, switch
 
 __all__ = ["linear_t", "tn", "backend", "use_onednn", "status"]
 
@@ -187,17 +187,9 @@ def tn(d: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]]) -> list[torch.
     return out
 
 
-@contextlib.contextmanager
-def use_onednn(on: bool) -> Iterator[None]:
+def use_onednn(on: bool) -> contextlib.AbstractContextManager[None]:
     """Switch oneDNN on or off within a block (for comparisons)."""
-    if not isinstance(on, bool):
-        raise TypeError(f"use_onednn(on) takes a bool, got on={on!r}")
-    before = _state["enabled"]
-    _state["enabled"] = on
-    try:
-        yield
-    finally:
-        _state["enabled"] = before
+    return switch(_state, on, "use_onednn")
 
 
 def status() -> str:

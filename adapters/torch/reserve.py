@@ -40,11 +40,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from typing import Iterator
 
 import torch
 
-from hwbptt.kernels.cbuild import load, ptr
+from hwbptt.kernels.cbuild import load, ptr, switch
 
 from . import fused, gemm
 
@@ -139,17 +138,9 @@ def enabled() -> bool:
     return _state["enabled"]
 
 
-@contextlib.contextmanager
-def use(on: bool) -> Iterator[None]:
+def use(on: bool) -> contextlib.AbstractContextManager[None]:
     """Switch the reserve forwards on or off within a block (for comparisons)."""
-    if not isinstance(on, bool):
-        raise TypeError(f"use(on) takes a bool, got on={on!r}")
-    before = _state["enabled"]
-    _state["enabled"] = on
-    try:
-        yield
-    finally:
-        _state["enabled"] = before
+    return switch(_state, on, "use")
 
 
 def supports(*tensors: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ releases the GIL during a foreign call, so ``run_parallel`` spreads one call ove
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -22,7 +23,7 @@ import subprocess
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -119,3 +120,18 @@ def run_parallel(fn: Callable[[int, int], None], n: int, work: int, min_work: in
     fn(bounds[0], bounds[1])
     for f in futures:
         f.result()
+
+
+@contextlib.contextmanager
+def switch(state: dict, on: bool, what: str) -> Iterator[None]:
+    """Set ``state["enabled"]`` to ``on`` within a block and restore it after: the
+    on/off switches of the fast paths (for comparisons). ``what`` names the caller in the
+    error for a non-bool ``on``."""
+    if not isinstance(on, bool):
+        raise TypeError(f"{what}(on) takes a bool, got on={on!r}")
+    before = state["enabled"]
+    state["enabled"] = on
+    try:
+        yield
+    finally:
+        state["enabled"] = before
