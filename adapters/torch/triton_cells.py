@@ -139,12 +139,16 @@ if _HAVE_TRITON:
             tl.store(gain + q, (o * (1.0 - th * th)).to(ty), mask=mask)
 
     @triton.jit
-    def _lstm_dpre_kernel(dc, m, gates, c, c0, tc, out, R, B, H, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _row_tile(R, H, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+        """This program's tile of rows (as an int64 column) and hidden units (a row), and
+        the mask of those inside (R, H)."""
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask = (r < R)[:, None] & (h < H)[None, :]
-        r2 = r.to(tl.int64)[:, None]
-        h2 = h[None, :]
+        return r.to(tl.int64)[:, None], h[None, :], (r < R)[:, None] & (h < H)[None, :]
+
+    @triton.jit
+    def _lstm_dpre_kernel(dc, m, gates, c, c0, tc, out, R, B, H, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+        r2, h2, mask = _row_tile(R, H, BLOCK_R, BLOCK_H)
         q = r2 * H + h2
         g4 = r2 * (4 * H) + h2
         d = tl.load(dc + q, mask=mask, other=0.0).to(tl.float32)
@@ -165,10 +169,8 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _gru_gates_kernel(gi, gh, R, H, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask = (r < R)[:, None] & (h < H)[None, :]
-        g3 = r.to(tl.int64)[:, None] * (3 * H) + h[None, :]
+        r2, h2, mask = _row_tile(R, H, BLOCK_R, BLOCK_H)
+        g3 = r2 * (3 * H) + h2
         a = gi + g3
         b = gh + g3
         rr = _sigmoid(tl.load(a, mask=mask, other=0.0).to(tl.float32) + tl.load(b, mask=mask, other=0.0).to(tl.float32))
@@ -181,11 +183,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _gru_dgates_kernel(lam, gates, gh, h0, y, dgh, dgi, R, B, H, WITH_INPUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask = (r < R)[:, None] & (h < H)[None, :]
-        r2 = r.to(tl.int64)[:, None]
-        h2 = h[None, :]
+        r2, h2, mask = _row_tile(R, H, BLOCK_R, BLOCK_H)
         q = r2 * H + h2
         g3 = r2 * (3 * H) + h2
         lm = tl.load(lam + q, mask=mask, other=0.0).to(tl.float32)
