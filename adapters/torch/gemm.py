@@ -140,14 +140,19 @@ def tn(d: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]]) -> list[torch.
     ``[h_0, y_{0..T-2}]`` for ``h_{t-1}``), so it is never concatenated. ``torch.mm`` runs
     this product with transposed operands at well under half the rate of the untransposed
     one that oneDNN's linear runs; where that runs (``backend``) the rows are taken in
-    chunks of ``_TN_CHUNK``, each transposed into a cached buffer by a compiled kernel and
-    multiplied by oneDNN, and the chunks' products summed (the same sums, in another
-    order). Otherwise, and when the blocks are narrower than ``_TN_MIN_K`` columns in all,
-    ``torch.mm``/``addmm_`` over the pieces."""
+    chunks of ``_TN_CHUNK``, each transposed by a compiled kernel into a buffer small
+    enough to stay in the CPU cache and multiplied by oneDNN, and the chunks' products
+    summed (the same sums, in another order). Otherwise, and when the blocks are narrower
+    than ``_TN_MIN_K`` columns in all, ``torch.mm``/``addmm_`` over the pieces."""
     N, G = d.shape
     ks = [blk[0].shape[1] for blk in blocks]
-    if not (sum(ks) >= _TN_MIN_K and backend(d, d) == "onednn" and all(p.dtype == torch.float32 and p.device.type == "cpu" for blk in blocks for p in blk)
-            and _transpose() is not None):
+    chunked = (
+        sum(ks) >= _TN_MIN_K
+        and backend(d, d) == "onednn"
+        and all(p.dtype == torch.float32 and p.device.type == "cpu" for blk in blocks for p in blk)
+        and _transpose() is not None
+    )
+    if not chunked:
         out = []
         for blk in blocks:
             g, r = None, 0
