@@ -157,16 +157,8 @@ def scan_bandwidth(shapes: list[tuple[int, int, int]], repeats: int = 7) -> list
             scan = lambda: scan_3d(a, b, True, out=u)  # noqa: E731
         else:
             scan = lambda: linear_scan(a, b, reverse=True, dim=0)  # noqa: E731
-        runs = {"scan": scan, "copy": lambda: u.copy_(b)}
-        samples: dict[str, list[float]] = {n: [] for n in runs}
-        for f in runs.values():
-            f()
-        for _ in range(repeats):
-            for n, f in runs.items():
-                t0 = time.perf_counter()
-                f()
-                samples[n].append(time.perf_counter() - t0)
-        t_scan, t_copy = statistics.median(samples["scan"]), statistics.median(samples["copy"])
+        times = interleaved({"scan": _timed(scan), "copy": _timed(lambda: u.copy_(b))}, 1, repeats)
+        t_scan, t_copy = times["scan"]["step"], times["copy"]["step"]
         size = b.numel() * b.element_size()
         out.append({"T": T, "B": B, "H": H, "backend": scan_backend(a, b), "MB_per_tensor": size / 1e6,
                     "scan_GBps": 3 * size / t_scan / 1e9, "copy_GBps": 2 * size / t_copy / 1e9,
@@ -238,6 +230,17 @@ def interleaved(runs: dict[str, Callable[[], tuple[float, float]]], warmup: int,
             "step": statistics.median(f + b for f, b in s),
         }
     return out
+
+
+def _timed(fn: Callable[[], Any]) -> Callable[[], tuple[float, float]]:
+    """``fn`` as a run for ``interleaved``: its seconds as the forward, none as the backward."""
+
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0, 0.0
+
+    return run
 
 
 def _timed_step(forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], tuple[float, float]]:
@@ -724,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             plan += [("cell", 1024 if quick else 4096, 8, 32)]
         elif suite == "lstmcell":
             plan += [("lstmcell", 128 if quick else 1024, 32, 128)]
-    total = sum((len(args.k) + 1 + (s in ("lstm", "gru") and _keeps_gates())) * (args.warmup + args._repeats_for(s)) for s, *_ in plan)
+    total = sum((len(args.k) + 1 + (_rebuild_variant(s, args.k) is not None)) * (args.warmup + args._repeats_for(s)) for s, *_ in plan)
     rows: list[dict] = []
     notes: list[str] = []
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
