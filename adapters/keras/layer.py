@@ -6,7 +6,9 @@ the wrapped layer's outputs for the same call (``mask``, ``initial_state``,
 ``training``, ``return_sequences``, ``return_state``, ``go_backwards``); the backward
 pass is Highway-BP (``hwbptt.engine``) with analytic block VJPs for the built-in cells
 and the backend's autodiff for user cells, or the exact adjoint with
-``iterations=None``.
+``iterations=None``. On the torch backend, LSTM and GRU layers with the default
+activations and no mask run through the PyTorch adapter's fused layers instead
+(``torch_kernels``): the same gradient, computed faster.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from keras import ops
 
 from hwbptt.options import HighwayOptionsMixin
 
+from . import torch_kernels
 from .gradient import highway_sequence
 from .gru import GRUMath
 from .lstm import LSTMMath
@@ -212,10 +215,15 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
             x_tm = ops.flip(x_tm, axis=0)
             m_tm = None if m_tm is None else ops.flip(m_tm, axis=0)
 
+        report = lambda d: object.__setattr__(self, "last_diagnostics", d)
+        if torch_kernels.applies(cell, x_tm, m_tm):
+            out, final = torch_kernels.run(cell, self._params(x.dtype), x_tm, states, options, report)
+            output = ops.transpose(out, (1, 0, 2)) if inner.return_sequences else out[-1]
+            return (output, *final) if inner.return_state else output
+
         exact = options.iterations is None and options.tol is None
         split = "step" if (exact or m_tm is not None) else options.split
         math = self._make_math(split, training)
-        report = lambda d: object.__setattr__(self, "last_diagnostics", d)
         seq = highway_sequence(math, options, x_tm, s0, self._params(x.dtype), m_tm, report)
 
         width = sum(math.state_sizes)
