@@ -303,6 +303,11 @@ class PeakMemory:
         for p in params:
             p.grad = None
         gc.collect()
+        # The Highway layers' workspace keeps buffers between steps: drop them, so that the
+        # step's own allocations count in its peak.
+        from hwbptt.torch import workspace
+
+        workspace.clear()
         # Free heap memory goes back to the system first: otherwise a step made of many
         # small allocations (a per-step loop) reuses it and its peak reads as zero.
         self._libc.malloc_trim(0)

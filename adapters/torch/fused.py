@@ -32,6 +32,8 @@ import torch
 
 from hwbptt.kernels.cbuild import load, ptr, run_parallel
 
+from . import workspace
+
 __all__ = ["available", "supports", "lstm_gates", "lstm_dpre", "gru_gates", "gru_dgates"]
 
 _SOURCE = r"""
@@ -226,7 +228,7 @@ def lstm_gates(pre: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, torch
     H = H4 // 4
     assert pre.is_contiguous()
     c0 = _c(c0)
-    c, tc, gain = (torch.empty((T, B, H), dtype=pre.dtype, device=pre.device) for _ in range(3))
+    c, tc, gain = (workspace.empty((T, B, H), pre) for _ in range(3))
     fn = _FN[("lstm_gates", pre.dtype)]
     args = (ptr(pre), ptr(c0), ptr(c), ptr(tc), ptr(gain))
     run_parallel(lambda lo, hi: fn(T, B, H, lo, hi, *args), B, T * B * H4)
@@ -243,7 +245,7 @@ def lstm_dpre(dc: torch.Tensor, m: torch.Tensor, gates: torch.Tensor, c: torch.T
     H = H4 // 4
     dc, m, c0 = _c(dc), _c(m), _c(c0)
     if out is None:
-        out = torch.empty_like(gates)
+        out = workspace.empty(gates.shape, gates)
     assert out.shape == gates.shape and out.dtype == gates.dtype and out.is_contiguous()
     fn = _FN[("lstm_dpre", gates.dtype)]
     args = (ptr(dc), ptr(m), ptr(gates), ptr(c), ptr(c0), ptr(tanh_c), ptr(out))
@@ -270,10 +272,10 @@ def gru_dgates(lam: torch.Tensor, gates: torch.Tensor, gh: torch.Tensor, h0: tor
     T, B, H3 = gates.shape
     lam, h0, y = _c(lam), _c(h0), _c(y)
     if out is None:
-        out = torch.empty_like(gates)
+        out = workspace.empty(gates.shape, gates)
     assert out.shape == gates.shape and out.dtype == gates.dtype and out.is_contiguous()
     dgh = out
-    dgi = torch.empty_like(gates) if with_input else None
+    dgi = workspace.empty(gates.shape, gates) if with_input else None
     fn = _FN[("gru_dgates", gates.dtype)]
     args = (ptr(lam), ptr(gates), ptr(gh), ptr(h0), ptr(y), ptr(dgh), ptr(dgi))
     run_parallel(lambda lo, hi: fn(B, H3 // 3, lo, hi, *args), T * B, T * B * H3)

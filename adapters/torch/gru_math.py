@@ -32,7 +32,7 @@ import torch
 
 from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint
 
-from . import fused, gemm, reserve
+from . import fused, gemm, reserve, workspace
 
 __all__ = ["GRUWeights", "GRUTape", "FastGRUTape", "make_gru_tape"]
 
@@ -127,14 +127,14 @@ class FastGRUTape(GRUTape):
         H3, H = w.w_hh.shape
         self.x, self.y, self.h0, self.w = x, y.contiguous(), h0, w
         self._x2 = x.reshape(T * B, -1)
-        buf = x.new_empty((T + 1, B, H3))
+        buf = workspace.empty((T + 1, B, H3), x)
         buf[T].zero_()
         gi = buf[:T]
         if w.b_ih is not None:
             torch.addmm(w.b_ih, self._x2, w.w_ih.t(), out=gi.view(T * B, H3))
         else:
             torch.mm(self._x2, w.w_ih.t(), out=gi.view(T * B, H3))
-        gh = x.new_empty((T, B, H3))
+        gh = workspace.empty((T, B, H3), x)
         if T > 1:
             if w.b_hh is not None:
                 torch.addmm(w.b_hh, self.y[:-1].view(-1, H), w.w_hh.t(), out=gh[1:].view(-1, H3))
@@ -187,7 +187,7 @@ class FastGRUTape(GRUTape):
         if "_dgh_buf" not in self.__dict__:  # (again after input_grads took the last one)
             # dgh with one zero row after the last step: the product of rows 1..T with
             # W_hh is the shifted result itself (zero at the last step), with no copy.
-            self._dgh_pad = self.gates.new_empty((T + 1, B, H3))
+            self._dgh_pad = workspace.empty((T + 1, B, H3), self.gates)
             self._dgh_pad[T].zero_()
             self._dgh_buf = self._dgh_pad[:T]
         fused.gru_dgates(lam, self.gates, self._gh, self.h0, self.y, with_input=False, out=self._dgh_pad[:T])

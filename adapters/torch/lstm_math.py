@@ -46,7 +46,7 @@ import torch
 
 from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint, linear_scan
 
-from . import fused, gemm, reserve
+from . import fused, gemm, reserve, workspace
 
 __all__ = ["LSTMWeights", "LSTMTape", "FastLSTMTape", "make_lstm_tape", "lstm_cell_states"]
 
@@ -248,7 +248,7 @@ class FastLSTMTape(LSTMTape):
         H = H4 // 4
         self.x, self.y, self.h0, self.c0, self.w = x, y.contiguous(), h0, c0, w
         self._x2 = x.reshape(T * B, -1)
-        buf = x.new_empty((T + 1, B, H4))
+        buf = workspace.empty((T + 1, B, H4), x)
         buf[T].zero_()
         pre = buf[:T]
         pre2 = pre.view(T * B, H4)
@@ -296,7 +296,7 @@ class FastLSTMTape(LSTMTape):
     def shifted_to_hidden(self, dpre: torch.Tensor) -> torch.Tensor:
         T, B, H4 = dpre.shape
         P = self.w.w_hh.shape[1]
-        q = dpre.new_empty((T, B, P))
+        q = workspace.empty((T, B, P), dpre)
         q[-1].zero_()
         if T > 1:
             torch.mm(dpre[1:].view(-1, H4), self.w.w_hh, out=q[:-1].view(-1, P))
@@ -311,10 +311,10 @@ class FastLSTMTape(LSTMTape):
         T, B, P = lh.shape
         H = self.c.shape[-1]
         H4 = self.gates.shape[-1]
-        wh, r = lh.new_empty((T, B, P)), lh.new_empty((T, B, H))
+        wh, r = workspace.empty((T, B, P), lh), workspace.empty((T, B, H), lh)
         # dpre with one zero row after the last step: the product of rows 1..T with W_hh
         # is q itself (zero at the last step), with no copy into a shifted buffer.
-        dpre_pad = self.gates.new_empty((T + 1, B, H4))
+        dpre_pad = workspace.empty((T + 1, B, H4), self.gates)
         dpre_pad[T].zero_()
         self._dpre_buf = dpre_buf = dpre_pad[:T]  # reused by input_grads
         wh_box = [lh]

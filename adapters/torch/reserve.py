@@ -45,7 +45,7 @@ import torch
 
 from hwbptt.kernels.cbuild import load, ptr, switch
 
-from . import fused, gemm
+from . import fused, gemm, workspace
 
 __all__ = ["available", "enabled", "use", "supports", "lstm_forward", "gru_forward"]
 
@@ -165,7 +165,7 @@ def _input_projection(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor | 
     T, B, I = x.shape
     G = w_ih.shape[0]
     if T * B > 0 and gemm.backend(x[0], w_ih) == "onednn":
-        x_pad = x.new_empty((T + 1, B, I))
+        x_pad = workspace.empty((T + 1, B, I), x)
         x_pad[:T].copy_(x)
         x_pad[T].zero_()
         buf = gemm.linear_t(x_pad.view(-1, I), w_ih, bias).view(T + 1, B, G)
@@ -193,7 +193,8 @@ def lstm_forward(
     H = w_hh.shape[1]
     buf = _input_projection(x, w_ih, bias)
     pre = buf[:T].view(T * B, 4 * H)
-    y, c, tanh_c, gain = (x.new_empty((T, B, H)) for _ in range(4))
+    y = x.new_empty((T, B, H))
+    c, tanh_c, gain = (workspace.empty((T, B, H), x) for _ in range(3))
     w_hh, h0, c0 = w_hh.contiguous(), h0.contiguous(), c0.contiguous()
     _FN[("lstm", x.dtype)](_gemm[x.dtype], T, B, H, ptr(pre), ptr(w_hh), ptr(h0), ptr(c0), ptr(y), ptr(c), ptr(tanh_c), ptr(gain))
     return buf, y, c, tanh_c, gain
@@ -212,7 +213,7 @@ def gru_forward(
     H = w_hh.shape[1]
     buf = _input_projection(x, w_ih, b_ih)
     gi = buf[:T].view(T * B, 3 * H)
-    gh, y = x.new_empty((T, B, 3 * H)), x.new_empty((T, B, H))
+    gh, y = workspace.empty((T, B, 3 * H), x), x.new_empty((T, B, H))
     w_hh, h0 = w_hh.contiguous(), h0.contiguous()
     b_hh = None if b_hh is None else b_hh.contiguous()
     _FN[("gru", x.dtype)](_gemm[x.dtype], T, B, H, ptr(gi), ptr(gh), ptr(w_hh), ptr(b_hh), ptr(h0), ptr(y))
