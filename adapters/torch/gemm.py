@@ -23,6 +23,8 @@ import torch
 
 from hwbptt.kernels.cbuild import load, ptr, run_parallel, switch
 
+from . import workspace
+
 __all__ = ["linear_t", "tn", "backend", "use_onednn", "status"]
 
 _state: dict[str, object] = {"enabled": True, "ok": None, "why": ""}
@@ -164,7 +166,7 @@ def tn(d: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]]) -> list[torch.
         return out
     K = sum(ks)
     chunk = min(_TN_CHUNK, N)
-    dt, zt = d.new_empty((G, chunk)), d.new_empty((K, chunk))
+    dt, zt = workspace.empty((G, chunk), d), workspace.empty((K, chunk), d)
     d = d if d.stride(-1) == 1 else d.contiguous()
     acc = None
     for r0 in range(0, N, chunk):

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from hwbptt import HighwayOptions
 
-from . import reserve
+from . import reserve, workspace
 from .gru_math import FastGRUTape, GRUWeights, make_gru_tape
 from .lstm_math import FastLSTMTape, LSTMWeights, lstm_cell_states, make_lstm_tape
 
@@ -64,7 +64,7 @@ def _flat_names(has_bias: bool, has_proj: bool) -> tuple[str, ...]:
 
 def _last_step_gradient(like: torch.Tensor, grad_last: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """ℓ for a state read only at the last valid step: zeros with ``grad_last`` placed there."""
-    local = torch.zeros_like(like)
+    local = workspace.empty(like.shape, like).zero_()
     if lengths is None:
         local[-1] = grad_last
     else:

@@ -27,7 +27,7 @@ import torch
 
 from hwbptt.kernels.cbuild import switch
 
-__all__ = ["empty", "clear", "use", "pooled_bytes"]
+__all__ = ["empty", "clear", "use", "pooled_bytes", "pools"]
 
 _MIN_BYTES = 1 << 20
 _CAP_BYTES = 1 << 30
@@ -52,6 +52,16 @@ def _free(buf: torch.Tensor) -> bool:
     return _use_count(buf) == _ALONE
 
 
+def _pooled(nbytes: int, device: torch.device) -> bool:
+    return _state["enabled"] and device.type == "cpu" and nbytes >= _MIN_BYTES and _ALONE is not None
+
+
+def pools(shape: tuple[int, ...], like: torch.Tensor) -> bool:
+    """Whether ``empty(shape, like)`` comes from the pool (and so, after the first step, is
+    memory already touched)."""
+    return _pooled(math.prod(shape) * like.element_size(), like.device)
+
+
 def use(on: bool) -> contextlib.AbstractContextManager[None]:
     """Switch the pool on or off within a block (for comparisons)."""
     return switch(_state, on, "use")
@@ -73,7 +83,7 @@ def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None 
     ``like``'s): a pooled buffer where one is free, else a new one (pooled from then on)."""
     dtype = like.dtype if dtype is None else dtype
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if not _state["enabled"] or like.device.type != "cpu" or nbytes < _MIN_BYTES or _ALONE is None:
+    if not _pooled(nbytes, like.device):
         return like.new_empty(shape, dtype=dtype)
     with _lock:
         # The smallest free buffer that fits without wasting more than half of it, so that
