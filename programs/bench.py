@@ -18,7 +18,7 @@ Suites (``--suites``):
   ``KERAS_BACKEND`` set).
 
 Per row: full training step (forward + backward) and backward alone; peak memory of the
-step against the baseline's (allocations seen by the torch profiler); the gradient's
+step against the baseline's (the process's resident-memory high-water mark); the gradient's
 cosine to the baseline's (exact) gradient; and the row's floor: its matmul FLOPs at this
 machine's large-matmul throughput plus its elementwise bytes at this machine's copy
 bandwidth (both measured at start; the FLOP/byte counts are this file's cost model), with
@@ -325,6 +325,9 @@ def backward_op_count(forward: Callable[[], torch.Tensor]) -> int:
     """Operator calls in one backward pass: top-level aten ops plus compiled-kernel calls."""
     from hwbptt.kernels import cbuild
 
+    # Kineto logs every profiler start and stop to stderr at its default level; 6 keeps it
+    # quiet (read when the profiler first starts, so setting it here is in time).
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     loss = forward()
     before = cbuild.CALLS[0]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
