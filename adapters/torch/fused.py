@@ -26,11 +26,9 @@ tensors and the tapes use their eager path there.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from hwbptt.kernels.cbuild import load, ptr, run_parallel
+from hwbptt.kernels.cbuild import addr, load, run_parallel, task
 
 from . import workspace
 
@@ -38,6 +36,7 @@ __all__ = ["available", "supports", "lstm_gates", "lstm_dpre", "gru_gates", "gru
 
 _SOURCE = r"""
 #include <math.h>
+#include <stdint.h>
 /* Each row's inner loop is a separate non-inlined function whose pointer parameters are
    restrict-qualified: that is what lets the compiler vectorise it (with libmvec expf/tanhf). */
 #define NI __attribute__((noinline))
@@ -140,6 +139,23 @@ void gru_dgates_##SUF(long B, long H, long r_lo, long r_hi, const T_* lam, const
                         d, d + H, d + 2 * H);                                                 \
     }                                                                                         \
   }                                                                                           \
+}                                                                                             \
+/* The tasks for cbuild.run_parallel: a share [lo, hi) of the batch (lstm_gates) or of the    \
+   T*B rows (the others); p holds the other arguments in order, pointers as integers. */     \
+void lstm_gates_task_##SUF(long lo, long hi, const int64_t* p) {                              \
+  lstm_gates_##SUF(p[0], p[1], p[2], lo, hi, (T_*)p[3], (const T_*)p[4], (T_*)p[5], (T_*)p[6], \
+                   (T_*)p[7]);                                                                \
+}                                                                                             \
+void lstm_dpre_task_##SUF(long lo, long hi, const int64_t* p) {                               \
+  lstm_dpre_##SUF(p[0], p[1], lo, hi, (const T_*)p[2], (const T_*)p[3], (const T_*)p[4],       \
+                  (const T_*)p[5], (const T_*)p[6], (const T_*)p[7], (T_*)p[8]);              \
+}                                                                                             \
+void gru_gates_task_##SUF(long lo, long hi, const int64_t* p) {                               \
+  gru_gates_##SUF(p[0], lo, hi, (T_*)p[1], (const T_*)p[2]);                                  \
+}                                                                                             \
+void gru_dgates_task_##SUF(long lo, long hi, const int64_t* p) {                              \
+  gru_dgates_##SUF(p[0], p[1], lo, hi, (const T_*)p[2], (const T_*)p[3], (const T_*)p[4],      \
+                   (const T_*)p[5], (const T_*)p[6], (T_*)p[7], (T_*)p[8]);                   \
 }
 DEFINE(f32, float, expf, tanhf)
 DEFINE(f64, double, exp, tanh)
@@ -152,18 +168,9 @@ _FN: dict[tuple[str, torch.dtype], object] = {}
 def _lib():
     lib = load("torch_rnn_fused", _SOURCE)
     if lib is not None and not _FN:
-        L, P = ctypes.c_long, ctypes.c_void_p
-        sigs = {
-            "lstm_gates": [L, L, L, L, L, P, P, P, P, P],
-            "lstm_dpre": [L, L, L, L, P, P, P, P, P, P, P],
-            "gru_gates": [L, L, L, P, P],
-            "gru_dgates": [L, L, L, L, P, P, P, P, P, P, P],
-        }
         for dtype, suf in _NAMES.items():
-            for name, argtypes in sigs.items():
-                fn = getattr(lib, f"{name}_{suf}")
-                fn.argtypes, fn.restype = argtypes, None
-                _FN[(name, dtype)] = fn
+            for name in ("lstm_gates", "lstm_dpre", "gru_gates", "gru_dgates"):
+                _FN[(name, dtype)] = task(lib, f"{name}_task_{suf}")
     return lib
 
 
@@ -230,8 +237,7 @@ def lstm_gates(pre: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, torch
     c0 = _c(c0)
     c, tc, gain = (workspace.empty((T, B, H), pre) for _ in range(3))
     fn = _FN[("lstm_gates", pre.dtype)]
-    args = (ptr(pre), ptr(c0), ptr(c), ptr(tc), ptr(gain))
-    run_parallel(lambda lo, hi: fn(T, B, H, lo, hi, *args), B, T * B * H4)
+    run_parallel(fn, [T, B, H, addr(pre), addr(c0), addr(c), addr(tc), addr(gain)], B, T * B * H4)
     return c, tc, gain
 
 
@@ -248,8 +254,8 @@ def lstm_dpre(dc: torch.Tensor, m: torch.Tensor, gates: torch.Tensor, c: torch.T
         out = workspace.empty(gates.shape, gates)
     assert out.shape == gates.shape and out.dtype == gates.dtype and out.is_contiguous()
     fn = _FN[("lstm_dpre", gates.dtype)]
-    args = (ptr(dc), ptr(m), ptr(gates), ptr(c), ptr(c0), ptr(tanh_c), ptr(out))
-    run_parallel(lambda lo, hi: fn(B, H, lo, hi, *args), T * B, T * B * H4)
+    args = [B, H, addr(dc), addr(m), addr(gates), addr(c), addr(c0), addr(tanh_c), addr(out)]
+    run_parallel(fn, args, T * B, T * B * H4)
     return out
 
 
@@ -260,7 +266,7 @@ def gru_gates(gi: torch.Tensor, gh: torch.Tensor) -> None:
     T, B, H3 = gi.shape
     assert gi.is_contiguous() and gh.is_contiguous()
     fn = _FN[("gru_gates", gi.dtype)]
-    run_parallel(lambda lo, hi: fn(H3 // 3, lo, hi, ptr(gi), ptr(gh)), T * B, T * B * H3)
+    run_parallel(fn, [H3 // 3, addr(gi), addr(gh)], T * B, T * B * H3)
 
 
 def gru_dgates(lam: torch.Tensor, gates: torch.Tensor, gh: torch.Tensor, h0: torch.Tensor, y: torch.Tensor, with_input: bool, out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -277,6 +283,6 @@ def gru_dgates(lam: torch.Tensor, gates: torch.Tensor, gh: torch.Tensor, h0: tor
     dgh = out
     dgi = workspace.empty(gates.shape, gates) if with_input else None
     fn = _FN[("gru_dgates", gates.dtype)]
-    args = (ptr(lam), ptr(gates), ptr(gh), ptr(h0), ptr(y), ptr(dgh), ptr(dgi))
-    run_parallel(lambda lo, hi: fn(B, H3 // 3, lo, hi, *args), T * B, T * B * H3)
+    args = [B, H3 // 3, addr(lam), addr(gates), addr(gh), addr(h0), addr(y), addr(dgh), addr(dgi)]
+    run_parallel(fn, args, T * B, T * B * H3)
     return dgi, dgh

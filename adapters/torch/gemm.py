@@ -16,12 +16,11 @@ problem and, if they disagree, oneDNN is not used (``status()`` then says why).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 from typing import Sequence
 
 import torch
 
-from hwbptt.kernels.cbuild import load, ptr, run_parallel, switch
+from hwbptt.kernels.cbuild import addr, load, run_parallel, switch, task
 
 from . import workspace
 
@@ -84,6 +83,7 @@ def linear_t(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None)
 
 
 _TRANSPOSE = r"""
+#include <stdint.h>
 #include <string.h>
 /* dst[g * ldd + n] = src[n * lds + g] for n < N, g in [g_lo, g_hi): 16 x 16 tiles through a
    local block, so that both the reads and the writes run along rows. */
@@ -104,6 +104,10 @@ void transpose_f32(long N, long g_lo, long g_hi, const float* restrict src, long
   for (long g = g_lo; g < g_hi; ++g)
     for (long n = n0; n < N; ++n) dst[g * ldd + n] = src[n * lds + g];
 }
+/* The task for cbuild.run_parallel: columns [lo, hi) of src; p = (N, src, lds, dst, ldd). */
+void transpose_f32_task(long lo, long hi, const int64_t* p) {
+  transpose_f32(p[0], lo, hi, (const float*)p[1], p[2], (float*)p[3], p[4]);
+}
 """
 _transpose_fn: list = []
 
@@ -118,11 +122,7 @@ def _transpose():
     """The compiled transpose, or ``None`` (no C compiler, or kernels switched off)."""
     if not _transpose_fn:
         lib = load("torch_transpose", _TRANSPOSE)
-        fn = None if lib is None else lib.transpose_f32
-        if fn is not None:
-            L, P = ctypes.c_long, ctypes.c_void_p
-            fn.argtypes, fn.restype = [L, L, L, P, L, P, L], None
-        _transpose_fn.append(fn)
+        _transpose_fn.append(None if lib is None else task(lib, "transpose_f32_task"))
     return _transpose_fn[0]
 
 
@@ -131,8 +131,7 @@ def _transpose_into(src: torch.Tensor, dst: torch.Tensor) -> None:
     along their rows."""
     fn = _transpose()
     n, G = src.shape
-    args = (ptr(src), src.stride(0), ptr(dst), dst.stride(0))
-    run_parallel(lambda lo, hi: fn(n, lo, hi, *args), G, n * G)
+    run_parallel(fn, [n, addr(src), src.stride(0), addr(dst), dst.stride(0)], G, n * G)
 
 
 def tn(d: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:

@@ -43,13 +43,14 @@ import os
 
 import torch
 
-from hwbptt.kernels.cbuild import load, ptr, switch
+from hwbptt.kernels.cbuild import addr, load, run_parallel, switch, task
 
 from . import fused, gemm, workspace
 
 __all__ = ["available", "enabled", "use", "supports", "lstm_forward", "gru_forward"]
 
 _LOOPS = r"""
+#include <stdint.h>
 typedef void (*gemm_t_f32)(const char*, const char*, const int*, const int*, const int*, const float*,
                            const float*, const int*, const float*, const int*, const float*, float*, const int*);
 typedef void (*gemm_t_f64)(const char*, const char*, const int*, const int*, const int*, const double*,
@@ -62,12 +63,14 @@ static void step_gemm_##SUF(void* gemm_p, long B, long N, long K, const T_* w, c
   int m = (int)N, n = (int)B, k = (int)K; T_ one = (T_)1;                                     \
   ((gemm_t_##SUF)gemm_p)("T", "N", &m, &n, &k, &one, w, &k, h, &k, &one, out, &m);           \
 }                                                                                             \
-void lstm_forward_##SUF(void* gemm_p, long T, long B, long H, T_* pre, const T_* w_hh,        \
-                        const T_* h0, const T_* c0, T_* y, T_* c, T_* tc, T_* gain) {         \
+void lstm_forward_##SUF(void* gemm_p, long T, long B, long H, long b_lo, long b_hi, T_* pre,  \
+                        const T_* w_hh, const T_* h0, const T_* c0, T_* y, T_* c, T_* tc,     \
+                        T_* gain) {                                                           \
   for (long t = 0; t < T; ++t) {                                                              \
     T_* p = pre + t * B * 4 * H;                                                              \
-    step_gemm_##SUF(gemm_p, B, 4 * H, H, w_hh, t ? y + (t - 1) * B * H : h0, p);              \
-    for (long b = 0; b < B; ++b) {                                                            \
+    step_gemm_##SUF(gemm_p, b_hi - b_lo, 4 * H, H, w_hh,                                      \
+                    (t ? y + (t - 1) * B * H : h0) + b_lo * H, p + b_lo * 4 * H);             \
+    for (long b = b_lo; b < b_hi; ++b) {                                                      \
       T_* q = p + b * 4 * H;                                                                  \
       long r = (t * B + b) * H;                                                               \
       lstm_gates_row_##SUF(H, q, q + H, q + 2 * H, q + 3 * H,                                 \
@@ -76,16 +79,16 @@ void lstm_forward_##SUF(void* gemm_p, long T, long B, long H, T_* pre, const T_*
     }                                                                                         \
   }                                                                                           \
 }                                                                                             \
-void gru_forward_##SUF(void* gemm_p, long T, long B, long H, T_* gi, T_* gh, const T_* w_hh,  \
-                       const T_* b_hh, const T_* h0, T_* y) {                                 \
+void gru_forward_##SUF(void* gemm_p, long T, long B, long H, long b_lo, long b_hi, T_* gi,    \
+                       T_* gh, const T_* w_hh, const T_* b_hh, const T_* h0, T_* y) {         \
   for (long t = 0; t < T; ++t) {                                                              \
     T_* a = gi + t * B * 3 * H;                                                               \
     T_* g = gh + t * B * 3 * H;                                                               \
-    for (long b = 0; b < B; ++b)                                                              \
+    for (long b = b_lo; b < b_hi; ++b)                                                        \
       for (long j = 0; j < 3 * H; ++j) g[b * 3 * H + j] = b_hh ? b_hh[j] : (T_)0;             \
     const T_* hp = t ? y + (t - 1) * B * H : h0;                                              \
-    step_gemm_##SUF(gemm_p, B, 3 * H, H, w_hh, hp, g);                                        \
-    for (long b = 0; b < B; ++b) {                                                            \
+    step_gemm_##SUF(gemm_p, b_hi - b_lo, 3 * H, H, w_hh, hp + b_lo * H, g + b_lo * 3 * H);   \
+    for (long b = b_lo; b < b_hi; ++b) {                                                      \
       T_* q = a + b * 3 * H;                                                                  \
       const T_* e = g + b * 3 * H;                                                            \
       gru_gates_row_##SUF(H, q, q + H, q + 2 * H, e, e + H, e + 2 * H);                       \
@@ -94,6 +97,17 @@ void gru_forward_##SUF(void* gemm_p, long T, long B, long H, T_* gi, T_* gh, con
       for (long h = 0; h < H; ++h) yy[h] = ((T_)1 - q[H + h]) * q[2 * H + h] + q[H + h] * hh[h]; \
     }                                                                                         \
   }                                                                                           \
+}                                                                                             \
+/* The tasks for cbuild.run_parallel: batch rows [lo, hi) through every step (the rows of    \
+   a batch never meet); p holds the other arguments in order, pointers as integers. */       \
+void lstm_forward_task_##SUF(long lo, long hi, const int64_t* p) {                            \
+  lstm_forward_##SUF((void*)p[0], p[1], p[2], p[3], lo, hi, (T_*)p[4], (const T_*)p[5],        \
+                     (const T_*)p[6], (const T_*)p[7], (T_*)p[8], (T_*)p[9], (T_*)p[10],       \
+                     (T_*)p[11]);                                                             \
+}                                                                                             \
+void gru_forward_task_##SUF(long lo, long hi, const int64_t* p) {                             \
+  gru_forward_##SUF((void*)p[0], p[1], p[2], p[3], lo, hi, (T_*)p[4], (T_*)p[5],               \
+                    (const T_*)p[6], (const T_*)p[7], (const T_*)p[8], (T_*)p[9]);            \
 }
 LOOPS(f32, float)
 LOOPS(f64, double)
@@ -122,14 +136,9 @@ def available() -> bool:
         lib = load("torch_rnn_reserve", fused._SOURCE + _LOOPS) if fused.available() else None
         _gemm.update(_blas() if lib is not None else {})
         if lib is not None and len(_gemm) == len(_GEMM):
-            L, P = ctypes.c_long, ctypes.c_void_p
             for dtype, suf in _DTYPES.items():
-                f = getattr(lib, f"lstm_forward_{suf}")
-                f.argtypes, f.restype = [P, L, L, L] + [P] * 8, None
-                _FN[("lstm", dtype)] = f
-                f = getattr(lib, f"gru_forward_{suf}")
-                f.argtypes, f.restype = [P, L, L, L] + [P] * 6, None
-                _FN[("gru", dtype)] = f
+                _FN[("lstm", dtype)] = task(lib, f"lstm_forward_task_{suf}")
+                _FN[("gru", dtype)] = task(lib, f"gru_forward_task_{suf}")
             _state["ok"] = True
     return _state["ok"]
 
@@ -198,7 +207,8 @@ def lstm_forward(
     y = x.new_empty((T, B, H))
     c, tanh_c, gain = (workspace.empty((T, B, H), x) for _ in range(3))
     w_hh, h0, c0 = w_hh.contiguous(), h0.contiguous(), c0.contiguous()
-    _FN[("lstm", x.dtype)](_gemm[x.dtype], T, B, H, ptr(pre), ptr(w_hh), ptr(h0), ptr(c0), ptr(y), ptr(c), ptr(tanh_c), ptr(gain))
+    args = [_gemm[x.dtype], T, B, H, addr(pre), addr(w_hh), addr(h0), addr(c0), addr(y), addr(c), addr(tanh_c), addr(gain)]
+    run_parallel(_FN[("lstm", x.dtype)], args, B, T * B * 4 * H, openmp_only=True)
     return buf, y, c, tanh_c, gain
 
 
@@ -218,5 +228,6 @@ def gru_forward(
     gh, y = workspace.empty((T, B, 3 * H), x), x.new_empty((T, B, H))
     w_hh, h0 = w_hh.contiguous(), h0.contiguous()
     b_hh = None if b_hh is None else b_hh.contiguous()
-    _FN[("gru", x.dtype)](_gemm[x.dtype], T, B, H, ptr(gi), ptr(gh), ptr(w_hh), ptr(b_hh), ptr(h0), ptr(y))
+    args = [_gemm[x.dtype], T, B, H, addr(gi), addr(gh), addr(w_hh), addr(b_hh), addr(h0), addr(y)]
+    run_parallel(_FN[("gru", x.dtype)], args, B, T * B * 3 * H, openmp_only=True)
     return buf, gh, y

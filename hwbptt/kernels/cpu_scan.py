@@ -12,16 +12,15 @@ Time is the outer loop (each thread streams through its lanes row by row).
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-from .cbuild import load, ptr, run_parallel
+from .cbuild import addr, load, run_parallel, task
 
 __all__ = ["scan_3d", "available"]
 
 _SOURCE = r"""
 #include <stddef.h>
+#include <stdint.h>
 /* c (with strides scT, scM) is an optional second b: u_t = a_t u_{t-1} + b_t + c_t. */
 #define SCAN(NAME, TYPE)                                                               \
 void NAME(long T, long K, long m_lo, long m_hi, int reverse,                           \
@@ -53,6 +52,11 @@ void NAME(long T, long K, long m_lo, long m_hi, int reverse,                    
       }                                                                                 \
     }                                                                                   \
   }                                                                                     \
+}                                                                                       \
+/* The task for cbuild.run_parallel: lanes [lo, hi) of M; args as in scan_3d below. */ \
+void NAME##_task(long lo, long hi, const int64_t* p) {                                \
+  NAME(p[0], p[1], lo, hi, (int)p[2], (const TYPE*)p[3], p[4], p[5], (const TYPE*)p[6], \
+       p[7], p[8], (TYPE*)p[9], p[10], (const TYPE*)p[11], p[12], p[13]);               \
 }
 SCAN(scan_f32, float)
 SCAN(scan_f64, double)
@@ -68,12 +72,8 @@ def available() -> bool:
 def _lib():
     lib = load("cpu_scan", _SOURCE)
     if lib is not None and not _FUNCS:
-        L, P, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
         for dtype, name in ((torch.float32, "scan_f32"), (torch.float64, "scan_f64")):
-            fn = getattr(lib, name)
-            fn.argtypes = [L, L, L, L, I, P, L, L, P, L, L, P, L, P, L, L]
-            fn.restype = None
-            _FUNCS[dtype] = fn
+            _FUNCS[dtype] = task(lib, f"{name}_task")
     return lib
 
 
@@ -87,8 +87,7 @@ def scan_3d(a: torch.Tensor, b: torch.Tensor, reverse: bool, out: torch.Tensor |
     assert a.shape == b.shape and a.dtype == b.dtype and a.stride(2) == 1 and b.stride(2) == 1
     assert c is None or (c.shape == b.shape and c.dtype == b.dtype and c.stride(2) == 1)
     u = torch.empty((T, M, K), dtype=b.dtype) if out is None else out
-    fn = _FUNCS[b.dtype]
-    cs = (ptr(c), c.stride(0), c.stride(1)) if c is not None else (ptr(None), 0, 0)
-    args = (ptr(a), a.stride(0), a.stride(1), ptr(b), b.stride(0), b.stride(1), ptr(u), M, *cs)
-    run_parallel(lambda lo, hi: fn(T, K, lo, hi, int(reverse), *args), M, T * M * K)
+    cs = (addr(c), c.stride(0), c.stride(1)) if c is not None else (0, 0, 0)
+    args = [T, K, int(reverse), addr(a), a.stride(0), a.stride(1), addr(b), b.stride(0), b.stride(1), addr(u), M, *cs]
+    run_parallel(_FUNCS[b.dtype], args, M, T * M * K)
     return u
