@@ -712,7 +712,11 @@ def main(argv: list[str] | None = None) -> int:
     args._memory_jobs = []
     args._forward_choice = []
     scan_available(), fused.available(), reserve.available()
+    from hwbptt.kernels.cbuild import threading_mode
+
     kernel_status = status()
+    kernel_status.pop("openmp_launcher", None)
+    kernel_status["threads"] = threading_mode()
     print(f"hwbptt bench: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
           f"repeats {repeats} (interleaved medians after {args.warmup} warm-up)")
     print("compiled kernels: " + ", ".join(f"{k}: {v}" for k, v in kernel_status.items()))

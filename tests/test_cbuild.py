@@ -42,7 +42,7 @@ def test_openmp_launcher_runs_on_pytorchs_runtime():
         pytest.skip("this PyTorch does not use GNU libgomp")
     with _threads(2):
         cpu_scan.scan_3d(torch.rand(64, 8, 128), torch.rand(64, 8, 128), True)  # large enough to split
-    assert cbuild.status()["threads"] == "OpenMP (PyTorch's runtime)"
+    assert cbuild.status()["threads"] == cbuild.threading_mode() == "OpenMP (PyTorch's runtime)"
     assert _gomp_files() == torch_gomp
 
 

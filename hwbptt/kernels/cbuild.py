@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["load", "status", "kernels_enabled", "run_parallel", "task", "addr", "ptr", "use_openmp", "FLAGS", "CALLS"]
+__all__ = ["load", "status", "kernels_enabled", "run_parallel", "threading_mode", "task", "addr", "ptr", "use_openmp", "FLAGS", "CALLS"]
 
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-std=c99"]
 _LIBS = ["-lmvec", "-lm"]
@@ -163,6 +163,13 @@ def _openmp_launcher():
     _status["threads"] = "OpenMP (PyTorch's runtime)" if fn is not None else f"Python threads ({why})"
     _launcher.append(fn)
     return fn
+
+
+def threading_mode() -> str:
+    """How ``run_parallel`` splits a kernel over the cores, looked up now if not yet."""
+    if kernels_enabled():
+        _openmp_launcher()
+    return _status.get("threads", "none (compiled kernels disabled)")
 
 
 def use_openmp(on: bool = True):
