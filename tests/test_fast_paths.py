@@ -239,6 +239,74 @@ def test_reserve_gru_forward_matches_fused_kernel_and_tape(T, dtype, bias):
 
 
 @needs_reserve
+@pytest.mark.parametrize("T", [1, 2, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reserve_gru_adjoint_matches_sequential_reference(T, dtype):
+    """The C time loop's exact adjoint and its gate gradients equal ``GRUTape``'s
+    sequential recurrence and ``gate_grads``."""
+    g = torch.Generator().manual_seed(T)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype) * 0.5  # noqa: E731
+    H, I, B = 7, 5, 6
+    w = GRUWeights(r(3 * H, I), r(3 * H, H), r(3 * H), r(3 * H))
+    x, h0, lh = r(T, B, I), r(B, H), r(T, B, H)
+    tape, y = FastGRUTape.from_reserve(x, h0, w)
+    ref = GRUTape(x, y, h0, w)
+    w_ref = ref.exact_adjoint(lh)
+    w_c, dgi, dgh = reserve.gru_adjoint(tape.gates, tape._gh, w.w_hh, h0, y, lh)
+    tol = _tol(dtype)
+    torch.testing.assert_close(w_c, w_ref, **tol)
+    dgi_ref, dgh_ref = ref.gate_grads(w_ref)
+    torch.testing.assert_close(dgi, dgi_ref, **tol)
+    torch.testing.assert_close(dgh, dgh_ref, **tol)
+
+
+@needs_reserve
+@pytest.mark.parametrize("packed", [False, True])
+def test_gru_exact_mode_runs_the_c_adjoint_and_equals_nn_gru(monkeypatch, packed):
+    """``HighwayGRU(iterations=None)`` on CPU float32/64 takes ``layer._GRUExact`` (the C
+    adjoint on the kept gates), not the parent's autograd, with ``nn.GRU``'s gradient, and
+    with ``create_graph=True`` a differentiable one (second derivatives equal too)."""
+    from torch import nn
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from hwbptt.torch import layer
+
+    calls = []
+    real = reserve.gru_adjoint
+    monkeypatch.setattr(reserve, "gru_adjoint", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    ref = nn.GRU(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours = HighwayGRU(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64, iterations=None)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(11, 3, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([11, 5, 8])
+
+    def loss(m, create_graph=False):
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        y, h = m(inp)
+        out = y.data if packed else y
+        return (out.sin().sum() + h.cos().sum()), list(m.parameters())
+
+    for m in (ours, ref):
+        m.zero_grad()
+    l1, p1 = loss(ours)
+    g1 = torch.autograd.grad(l1, [x, *p1])
+    assert len(calls) == 4  # two layers, two directions
+    l2, p2 = loss(ref)
+    g2 = torch.autograd.grad(l2, [x, *p2])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # Second derivatives: the backward under create_graph is differentiable.
+    gx1 = torch.autograd.grad(loss(ours)[0], x, create_graph=True)[0]
+    gx2 = torch.autograd.grad(loss(ref)[0], x, create_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(gx1.pow(2).sum(), ours.weight_hh_l0)[0],
+                               torch.autograd.grad(gx2.pow(2).sum(), ref.weight_hh_l0)[0], rtol=1e-10, atol=1e-12)
+    # Without a gradient wanted, the parent's forward runs (no C adjoint, no Function).
+    with torch.no_grad():
+        assert not layer.exact_by_tape(x, *ours.parameters())
+
+
+@needs_reserve
 @pytest.mark.parametrize("cls", [HighwayLSTM, HighwayGRU])
 @pytest.mark.parametrize("packed", [False, True])
 def test_layers_reserve_equals_recompute(cls, packed):

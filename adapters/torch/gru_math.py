@@ -82,6 +82,8 @@ class GRUTape:
         return TORCH_OPS.shift_next(torch.matmul(self.gate_grads(lam)[1], self.w.w_hh))
 
     def highway(self, lh: torch.Tensor, options: HighwayOptions) -> tuple[torch.Tensor, Diagnostics]:
+        if options.exact:  # BPTT's sequential adjoint (T Highway iterations would give it at T times the cost)
+            return self.exact_adjoint(lh), Diagnostics()
         k = effective_iterations(options, lh.shape[0])
         w, diag = highway_adjoint(
             self.z_next, lh, self.block,
@@ -173,7 +175,19 @@ class FastGRUTape(GRUTape):
             self._w_hh_t_ = self.w.w_hh.t().contiguous()
         return self._w_hh_t_
 
+    def exact_adjoint(self, lh: torch.Tensor) -> torch.Tensor:
+        """On CPU, one C time loop (``reserve.gru_adjoint``) that also writes the gate
+        gradients for the adjoint it returns (``gate_grads`` hands them out once)."""
+        if not reserve.supports(lh, self.gates, self._gh, self.w.w_hh, self.h0, self.y):
+            return super().exact_adjoint(lh)
+        w, dgi, dgh = reserve.gru_adjoint(self.gates, self._gh, self.w.w_hh, self.h0.contiguous(), self.y, lh)
+        self._exact_gate_grads = (w, dgi, dgh)
+        return w
+
     def gate_grads(self, lam: torch.Tensor, t: int | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        done = self.__dict__.pop("_exact_gate_grads", None)
+        if done is not None and done[0] is lam and t == slice(None):
+            return done[1], done[2]
         if t != slice(None):
             return super().gate_grads(lam, t)
         # The caller owns the result: it takes the iterations' buffer (a later block makes another).

@@ -26,7 +26,7 @@ from . import reserve, workspace
 from .gru_math import FastGRUTape, GRUWeights, make_gru_tape
 from .lstm_math import FastLSTMTape, LSTMWeights, lstm_cell_states, make_lstm_tape
 
-__all__ = ["lstm_layer", "gru_layer", "at_lengths", "reverse_within", "WEIGHT_NAMES"]
+__all__ = ["lstm_layer", "gru_layer", "exact_by_tape", "at_lengths", "reverse_within", "WEIGHT_NAMES"]
 
 WEIGHT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
 
@@ -56,6 +56,19 @@ def _needs(ctx: Any, first: int, flat_names: tuple[str, ...], input_names: tuple
     needs.update({name: False for name in WEIGHT_NAMES})
     needs.update(zip(flat_names, ctx.needs_input_grad[first:]))
     return needs
+
+
+def exact_by_tape(*tensors: torch.Tensor) -> bool:
+    """Whether a GRU's exact gradient runs as ``_GRUExact`` (a C time loop on the kept
+    gates) for these tensors: where the reserve forward takes them, and a gradient is
+    wanted at all. Under ``torch.jit.trace`` or ``torch.compile`` exact mode stays autograd
+    through the fused kernel, which they can record."""
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    with torch.no_grad():  # the kernels' own test declines tensors that want a graph
+        return reserve.supports(*tensors)
 
 
 def _flat_names(has_bias: bool, has_proj: bool) -> tuple[str, ...]:
@@ -158,6 +171,32 @@ class _GRUHighway(torch.autograd.Function):
         return (grads["x"], grads["h0"], None, None, None, None, None, *(grads[n] for n in names))
 
 
+class _GRUExact(torch.autograd.Function):
+    """Exact mode on the CPU path: the forward keeps the gates (``reserve.gru_forward``), the
+    backward is BPTT's adjoint as one C time loop (``reserve.gru_adjoint``), with the same
+    inputs and outputs as ``_GRUHighway``. ATen's CPU GRU backward is a loop of small
+    operators per step; this gives the same gradient (tests compare it with ``nn.GRU``'s).
+    Under ``create_graph=True`` the backward differentiates the fused kernel with autograd
+    instead, so that the gradient is itself differentiable (same values)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, lengths, options, sink, key, has_bias, *flat):
+        return _GRUHighway.forward(ctx, x, h0, lengths, options, sink, key, has_bias, *flat)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if not torch.is_grad_enabled():
+            return _GRUHighway.backward(ctx, grad_y)
+        ctx.tape = None
+        x, _, h0, *flat = ctx.saved_tensors
+        inputs = [x, h0, *flat]
+        wanted = [t for t, n in zip(inputs, (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[7:])) if n]
+        y, _ = _VF.gru(x, h0.unsqueeze(0), flat, ctx.has_bias, 1, 0.0, False, False, False)
+        got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
+        grads = [next(got) if n else None for n in (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[7:])]
+        return (grads[0], grads[1], None, None, None, None, None, *grads[2:])
+
+
 def lstm_layer(
     x: torch.Tensor,
     h0: torch.Tensor,
@@ -196,9 +235,14 @@ def gru_layer(
     sink: dict | None = None,
     key: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One GRU layer and direction: ``(y, h_last)``; ``options=None`` as for ``lstm_layer``."""
-    if options is None:
-        y, _ = _VF.gru(x, h0.unsqueeze(0), flat, has_bias, 1, 0.0, False, False, False)
+    """One GRU layer and direction: ``(y, h_last)``; ``options=None`` (or exact options) is
+    the exact gradient: on the CPU path by ``_GRUExact``, else by autograd through the fused
+    kernel."""
+    if options is None or options.exact:
+        if exact_by_tape(x, h0, *flat):
+            y = _GRUExact.apply(x, h0, lengths, HighwayOptions(iterations=None), sink, key, has_bias, *flat)
+        else:
+            y, _ = _VF.gru(x, h0.unsqueeze(0), flat, has_bias, 1, 0.0, False, False, False)
     else:
         y = _GRUHighway.apply(x, h0, lengths, options, sink, key, has_bias, *flat)
     return y, at_lengths(y, lengths)

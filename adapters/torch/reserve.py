@@ -47,7 +47,7 @@ from hwbptt.kernels.cbuild import addr, load, run_parallel, switch, task
 
 from . import fused, gemm, workspace
 
-__all__ = ["available", "enabled", "use", "supports", "lstm_forward", "gru_forward"]
+__all__ = ["available", "enabled", "use", "supports", "lstm_forward", "gru_forward", "gru_adjoint"]
 
 _LOOPS = r"""
 #include <stdint.h>
@@ -98,6 +98,34 @@ void gru_forward_##SUF(void* gemm_p, long T, long B, long H, long b_lo, long b_h
     }                                                                                         \
   }                                                                                           \
 }                                                                                             \
+/* The GRU's exact adjoint, BPTT's order, from the kept gates: w_t = lh_t + carry_t with      \
+   carry_{t-1} = dgh_t(w_t) W_hh + w_t ⊙ z_t, and (dgi_t, dgh_t) for w_t written as it goes. \
+   w_hh_t is W_hh^T (H x 3H) row-major, so that the step product is step_gemm's form. */     \
+void gru_adjoint_##SUF(void* gemm_p, long T, long B, long H, long b_lo, long b_hi,             \
+                       const T_* gates, const T_* gh, const T_* w_hh_t, const T_* h0,         \
+                       const T_* y, const T_* lh, T_* w, T_* dgi, T_* dgh) {                  \
+  long n = b_hi - b_lo;                                                                       \
+  for (long t = T - 1; t >= 0; --t) {                                                         \
+    T_* wt = w + t * B * H;                                                                   \
+    const T_* lt = lh + t * B * H;                                                            \
+    for (long r = b_lo * H; r < b_hi * H; ++r) wt[r] = t == T - 1 ? lt[r] : wt[r] + lt[r];    \
+    for (long b = b_lo; b < b_hi; ++b) {                                                      \
+      long row = t * B + b;                                                                   \
+      const T_* g = gates + row * 3 * H;                                                      \
+      const T_* hp = t ? y + (row - B) * H : h0 + b * H;                                      \
+      T_* d = dgh + row * 3 * H;                                                              \
+      T_* e = dgi + row * 3 * H;                                                              \
+      gru_dgates_row_##SUF(H, wt + b * H, g, g + H, g + 2 * H, gh + row * 3 * H + 2 * H, hp,  \
+                           d, d + H, d + 2 * H, e, e + H, e + 2 * H);                         \
+    }                                                                                         \
+    if (t == 0) break;                                                                        \
+    T_* wp = w + (t - 1) * B * H;                                                             \
+    for (long b = b_lo; b < b_hi; ++b)                                                        \
+      for (long h = 0; h < H; ++h)                                                            \
+        wp[b * H + h] = wt[b * H + h] * gates[(t * B + b) * 3 * H + H + h];                   \
+    step_gemm_##SUF(gemm_p, n, H, 3 * H, w_hh_t, dgh + (t * B + b_lo) * 3 * H, wp + b_lo * H); \
+  }                                                                                           \
+}                                                                                             \
 /* The tasks for cbuild.run_parallel: batch rows [lo, hi) through every step (the rows of    \
    a batch never meet); p holds the other arguments in order, pointers as integers. */       \
 void lstm_forward_task_##SUF(long lo, long hi, const int64_t* p) {                            \
@@ -108,6 +136,11 @@ void lstm_forward_task_##SUF(long lo, long hi, const int64_t* p) {              
 void gru_forward_task_##SUF(long lo, long hi, const int64_t* p) {                             \
   gru_forward_##SUF((void*)p[0], p[1], p[2], p[3], lo, hi, (T_*)p[4], (T_*)p[5],               \
                     (const T_*)p[6], (const T_*)p[7], (const T_*)p[8], (T_*)p[9]);            \
+}                                                                                             \
+void gru_adjoint_task_##SUF(long lo, long hi, const int64_t* p) {                             \
+  gru_adjoint_##SUF((void*)p[0], p[1], p[2], p[3], lo, hi, (const T_*)p[4], (const T_*)p[5],   \
+                    (const T_*)p[6], (const T_*)p[7], (const T_*)p[8], (const T_*)p[9],       \
+                    (T_*)p[10], (T_*)p[11], (T_*)p[12]);                                      \
 }
 LOOPS(f32, float)
 LOOPS(f64, double)
@@ -139,6 +172,7 @@ def available() -> bool:
             for dtype, suf in _DTYPES.items():
                 _FN[("lstm", dtype)] = task(lib, f"lstm_forward_task_{suf}")
                 _FN[("gru", dtype)] = task(lib, f"gru_forward_task_{suf}")
+                _FN[("gru_adjoint", dtype)] = task(lib, f"gru_adjoint_task_{suf}")
             _state["ok"] = True
     return _state["ok"]
 
@@ -231,3 +265,25 @@ def gru_forward(
     args = [_gemm[x.dtype], T, B, H, addr(gi), addr(gh), addr(w_hh), addr(b_hh), addr(h0), addr(y)]
     run_parallel(_FN[("gru", x.dtype)], args, B, T * B * 3 * H, openmp_only=True)
     return buf, gh, y
+
+
+def gru_adjoint(
+    gates: torch.Tensor, gh: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, y: torch.Tensor, lh: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GRU's exact adjoint in BPTT's order, as one C time loop: ``(w, dgi, dgh)``.
+
+    ``gates`` (T, B, 3H) ``[r, z, n]`` and ``gh`` (T, B, 3H) as ``gru_forward`` kept them,
+    ``y`` (T, B, H) the outputs, ``lh`` (T, B, H) the upstream gradient. ``w_t = ℓ_t +
+    dgh_{t+1} W_hh + w_{t+1} ⊙ z_{t+1}`` (one BLAS gemm per step) and ``(dgi_t, dgh_t)``,
+    the gradients on the input and hidden pre-activations for ``w_t``, each (T, B, 3H).
+    Reference: ``GRUTape.exact_adjoint`` and ``GRUTape.gate_grads``."""
+    T, B, H3 = gates.shape
+    H = H3 // 3
+    lh = lh.contiguous()
+    w = workspace.empty((T, B, H), lh)
+    dgi, dgh = workspace.empty((T, B, H3), lh), workspace.empty((T, B, H3), lh)
+    w_hh_t = w_hh.t().contiguous()
+    args = [_gemm[lh.dtype], T, B, H, addr(gates), addr(gh), addr(w_hh_t), addr(h0), addr(y), addr(lh),
+            addr(w), addr(dgi), addr(dgh)]
+    run_parallel(_FN[("gru_adjoint", lh.dtype)], args, B, T * B * H3, openmp_only=True)
+    return w, dgi, dgh

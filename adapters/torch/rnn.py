@@ -10,7 +10,11 @@ When is which path taken (nothing switches silently: each is the documented beha
   on padded input; a ``PackedSequence`` runs at padded speed (below);
 - ``iterations=None`` and no ``tol`` (exact): the parent's own forward and autograd
   (BPTT through the fused kernel); for a ``PackedSequence``, autograd through the padded
-  fused kernel;
+  fused kernel. Except ``HighwayGRU`` on the CPU fast path (float32/float64, the C
+  kernels built, no ``torch.jit.trace``/``torch.compile``): BPTT's adjoint as one C time
+  loop on the gates its forward kept (``layer._GRUExact``), the same gradient, since ATen's
+  CPU GRU backward is a loop of small operators per step; under ``create_graph=True`` that
+  backward differentiates the fused kernel with autograd, so higher-order gradients work;
 - an empty input (batch 0, T = 0, no features): the parent's forward and autograd (its
   error for T = 0; for an empty batch every gradient is zero under either algorithm);
 - otherwise: Highway-BP with the options read at this forward call.
@@ -45,7 +49,7 @@ from hwbptt import Diagnostics, HighwayOptionsMixin
 from hwbptt.options import CheckFiniteMixin
 
 from .finite import nonfinite_at, nonfinite_at_step, raise_nonfinite
-from .layer import gru_layer, lstm_layer, reverse_within
+from .layer import exact_by_tape, gru_layer, lstm_layer, reverse_within
 
 __all__ = ["HighwayLSTM", "HighwayGRU"]
 
@@ -87,6 +91,11 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
         )
 
     # -- the parent's behaviour, kept --------------------------------------------------
+    def _exact_by_tape(self, input: Any, hx: Any) -> bool:
+        """Whether exact mode runs this layer's own exact backward (``gru_layer``) rather
+        than the parent's forward and autograd."""
+        return False
+
     def _needs_grad(self, input: Any, hx: Any) -> bool:
         if not torch.is_grad_enabled():
             return False
@@ -100,7 +109,7 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
         check = self.check_finite
         if check:
             self._check_inputs_finite(input, hx)
-        parent = not packed and (options.exact or not self._needs_grad(input, hx) or input.numel() == 0)
+        parent = not packed and ((options.exact and not self._exact_by_tape(input, hx)) or not self._needs_grad(input, hx) or input.numel() == 0)
         if not parent and torch.jit.is_tracing():
             raise RuntimeError(
                 f"{type(self).__name__}: torch.jit.trace cannot record Highway-BP's backward (a Python "
@@ -317,6 +326,12 @@ class HighwayGRU(_HighwayRNNBase, nn.GRU):
 
     def _state_sizes(self) -> tuple[int]:
         return (self.hidden_size,)
+
+    def _exact_by_tape(self, input: Any, hx: Any) -> bool:
+        # ATen's CPU GRU backward runs step by step; the C adjoint on the kept gates gives the
+        # same gradient faster (layer._GRUExact).
+        states = [] if hx is None else [hx]
+        return exact_by_tape(input, *states, *self._flat_weights)
 
     def _layer(self, x, states, flat, lengths, options, sink, key):
         y, h_last = gru_layer(x, states[0], flat, self.bias, lengths, options, sink, key)
