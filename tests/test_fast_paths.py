@@ -258,52 +258,92 @@ def test_reserve_gru_adjoint_matches_sequential_reference(T, dtype):
     dgi_ref, dgh_ref = ref.gate_grads(w_ref)
     torch.testing.assert_close(dgi, dgi_ref, **tol)
     torch.testing.assert_close(dgh, dgh_ref, **tol)
+    # The tape hands the loop's gate gradients out only for the adjoint it returned.
+    tape.exact_adjoint(lh)
+    for got, want in zip(tape.gate_grads(2 * w_ref), ref.gate_grads(2 * w_ref)):
+        torch.testing.assert_close(got, want, **tol)
 
 
 @needs_reserve
+@pytest.mark.parametrize("T", [1, 2, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reserve_lstm_adjoint_matches_sequential_reference(T, dtype):
+    """The C time loop's exact ``(dc, wh)`` and its ``dpre`` equal ``LSTMTape``'s
+    sequential recurrence and ``dpre``."""
+    x, _, h0, c0, w = _lstm_case(T, 6, 5, 7, 0, True, dtype, seed=T)
+    g = torch.Generator().manual_seed(T + 1)
+    lh, lc = (torch.randn(T, 6, 7, generator=g, dtype=dtype) for _ in range(2))
+    tape, y = FastLSTMTape.from_reserve(x, h0, c0, w)
+    ref = LSTMTape(x, y, h0, c0, w)
+    dc_ref, wh_ref = ref.exact_adjoint(lh, lc)
+    dc, wh, dpre = reserve.lstm_adjoint(tape.gates, tape.c, c0.contiguous(), tape.tanh_c, tape.readout_gain, w.w_hh, lh, lc)
+    tol = _tol(dtype)
+    torch.testing.assert_close(dc, dc_ref, **tol)
+    torch.testing.assert_close(wh, wh_ref, **tol)
+    torch.testing.assert_close(dpre, ref.dpre(dc_ref, wh_ref), **tol)
+    # The tape hands the loop's dpre to input_grads only for the adjoint it returned.
+    needs = dict.fromkeys(("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"), True) | {"w_hr": False}
+    tape.exact_adjoint(lh, lc)
+    other = tape.input_grads(2 * dc_ref, wh_ref, needs)
+    expected = ref.input_grads(2 * dc_ref, wh_ref, needs)
+    for key in ("x", "w_ih", "w_hh", "b_ih"):
+        torch.testing.assert_close(other[key], expected[key], **tol, msg=key)
+
+
+@needs_reserve
+@pytest.mark.parametrize("cls", [HighwayLSTM, HighwayGRU])
 @pytest.mark.parametrize("packed", [False, True])
-def test_gru_exact_mode_runs_the_c_adjoint_and_equals_nn_gru(monkeypatch, packed):
-    """``HighwayGRU(iterations=None)`` on CPU float32/64 takes ``layer._GRUExact`` (the C
-    adjoint on the kept gates), not the parent's autograd, with ``nn.GRU``'s gradient, and
+def test_exact_mode_runs_the_c_adjoint_and_equals_the_parent(monkeypatch, cls, packed):
+    """``iterations=None`` on CPU float32/64 takes ``layer._LSTMExact``/``_GRUExact`` (the C
+    adjoint on the kept gates), not the parent's autograd, with the parent's gradient, and
     with ``create_graph=True`` a differentiable one (second derivatives equal too)."""
     from torch import nn
     from torch.nn.utils.rnn import pack_padded_sequence
 
     from hwbptt.torch import layer
 
+    name = "lstm_adjoint" if cls is HighwayLSTM else "gru_adjoint"
     calls = []
-    real = reserve.gru_adjoint
-    monkeypatch.setattr(reserve, "gru_adjoint", lambda *a: calls.append(1) or real(*a))
+    real = getattr(reserve, name)
+    monkeypatch.setattr(reserve, name, lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
-    ref = nn.GRU(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64)
-    ours = HighwayGRU(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64, iterations=None)
+    parent = nn.LSTM if cls is HighwayLSTM else nn.GRU
+    ref = parent(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours = cls(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64, iterations=None)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(11, 3, 4, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([11, 5, 8])
 
-    def loss(m, create_graph=False):
+    def loss(m):
         inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
         y, h = m(inp)
         out = y.data if packed else y
-        return (out.sin().sum() + h.cos().sum()), list(m.parameters())
+        states = h if isinstance(h, tuple) else (h,)
+        return out.sin().sum() + sum(s.cos().sum() for s in states)
 
-    for m in (ours, ref):
-        m.zero_grad()
-    l1, p1 = loss(ours)
-    g1 = torch.autograd.grad(l1, [x, *p1])
+    g1 = torch.autograd.grad(loss(ours), [x, *ours.parameters()])
     assert len(calls) == 4  # two layers, two directions
-    l2, p2 = loss(ref)
-    g2 = torch.autograd.grad(l2, [x, *p2])
+    g2 = torch.autograd.grad(loss(ref), [x, *ref.parameters()])
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # Second derivatives: the backward under create_graph is differentiable.
-    gx1 = torch.autograd.grad(loss(ours)[0], x, create_graph=True)[0]
-    gx2 = torch.autograd.grad(loss(ref)[0], x, create_graph=True)[0]
+    gx1 = torch.autograd.grad(loss(ours), x, create_graph=True)[0]
+    gx2 = torch.autograd.grad(loss(ref), x, create_graph=True)[0]
     torch.testing.assert_close(torch.autograd.grad(gx1.pow(2).sum(), ours.weight_hh_l0)[0],
                                torch.autograd.grad(gx2.pow(2).sum(), ref.weight_hh_l0)[0], rtol=1e-10, atol=1e-12)
     # Without a gradient wanted, the parent's forward runs (no C adjoint, no Function).
     with torch.no_grad():
         assert not layer.exact_by_tape(x, *ours.parameters())
+
+
+@needs_reserve
+def test_exact_mode_with_projection_stays_autograd(monkeypatch):
+    """``proj_size`` has no C forward: exact mode is the parent's autograd (no C adjoint)."""
+    monkeypatch.setattr(reserve, "lstm_adjoint", lambda *a: pytest.fail("C adjoint used with proj_size"))
+    ours = HighwayLSTM(4, 6, proj_size=3, iterations=None, dtype=torch.float64)
+    x = torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)
+    ours(x)[0].sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 @needs_reserve

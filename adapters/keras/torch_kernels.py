@@ -12,7 +12,7 @@ gates reordered:
 ``run`` hands such a layer to ``hwbptt.torch.layer.lstm_layer``/``gru_layer``: the forward
 in the fused kernels (keeping the gates), the backward the same Highway-BP on the fused
 tapes that ``hwbptt.torch.HighwayLSTM``/``HighwayGRU`` run, and in exact mode their exact
-backward (autograd through PyTorch's fused LSTM; the C adjoint on the kept gates for the GRU). The ``keras.ops`` path (``gradient.py``) computes
+backward (BPTT's adjoint as a C loop on the kept gates). The ``keras.ops`` path (``gradient.py``) computes
 the same gradient; ``tests/keras`` compares the two (``use(False)`` switches this one off).
 
 Masks, other activations, ``reset_after=False`` and other dtypes than float32/float64 keep

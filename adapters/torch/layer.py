@@ -59,7 +59,7 @@ def _needs(ctx: Any, first: int, flat_names: tuple[str, ...], input_names: tuple
 
 
 def exact_by_tape(*tensors: torch.Tensor) -> bool:
-    """Whether a GRU's exact gradient runs as ``_GRUExact`` (a C time loop on the kept
+    """Whether the exact gradient runs as ``_GRUExact``/``_LSTMExact`` (a C time loop on the kept
     gates) for these tensors: where the reserve forward takes them, and a gradient is
     wanted at all. Under ``torch.jit.trace`` or ``torch.compile`` exact mode stays autograd
     through the fused kernel, which they can record."""
@@ -189,12 +189,53 @@ class _GRUExact(torch.autograd.Function):
             return _GRUHighway.backward(ctx, grad_y)
         ctx.tape = None
         x, _, h0, *flat = ctx.saved_tensors
-        inputs = [x, h0, *flat]
-        wanted = [t for t, n in zip(inputs, (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[7:])) if n]
-        y, _ = _VF.gru(x, h0.unsqueeze(0), flat, ctx.has_bias, 1, 0.0, False, False, False)
-        got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
-        grads = [next(got) if n else None for n in (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[7:])]
-        return (grads[0], grads[1], None, None, None, None, None, *grads[2:])
+        y = _gru_autograd(x, h0, flat, ctx.has_bias)
+        return _autograd_again(ctx, (y,), (grad_y,), [x, h0], 5, flat)
+
+
+class _LSTMExact(torch.autograd.Function):
+    """``_GRUExact`` for the LSTM (no ``proj_size``): the backward is ``reserve.lstm_adjoint``
+    on the gates the forward kept, and autograd through the fused kernel under
+    ``create_graph=True``. Inputs and outputs as ``_LSTMHighway``'s."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, lengths, options, sink, key, has_bias, has_proj, *flat):
+        return _LSTMHighway.forward(ctx, x, h0, c0, lengths, options, sink, key, has_bias, has_proj, *flat)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_c_last):
+        if not torch.is_grad_enabled():
+            return _LSTMHighway.backward(ctx, grad_y, grad_c_last)
+        ctx.tape = None
+        x, _, h0, c0, *flat = ctx.saved_tensors
+        y, c_last = _lstm_autograd(x, h0, c0, flat, *ctx.layout, ctx.lengths)
+        return _autograd_again(ctx, (y, c_last), (grad_y, grad_c_last), [x, h0, c0], 6, flat)
+
+
+def _lstm_autograd(x, h0, c0, flat, has_bias, has_proj, lengths):
+    """``(y, c_last)`` by the fused kernel under autograd: the exact mode's reference path
+    (for unequal lengths, ``c`` at the last valid step from the differentiable rebuild)."""
+    y, _, c_n = _VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), list(flat), has_bias, 1, 0.0, False, False, False)
+    if lengths is None:
+        return y, c_n[0]
+    return y, at_lengths(lstm_cell_states(x, y, h0, c0, LSTMWeights.from_flat(list(flat), has_bias, has_proj)), lengths)
+
+
+def _gru_autograd(x, h0, flat, has_bias):
+    """``y`` by the fused kernel under autograd."""
+    return _VF.gru(x, h0.unsqueeze(0), list(flat), has_bias, 1, 0.0, False, False, False)[0]
+
+
+def _autograd_again(ctx: Any, outputs: tuple, grads: tuple, front: list, skip: int, flat: list) -> tuple:
+    """A Function's backward as autograd through ``outputs`` (recomputed with a graph from
+    the saved inputs), with ``create_graph=True``: a differentiable gradient. The Function's
+    inputs are ``*front``, ``skip`` non-tensor arguments, then ``*flat``."""
+    needs = ctx.needs_input_grad
+    flags = [*needs[: len(front)], *needs[len(front) + skip :]]
+    wanted = [t for t, n in zip([*front, *flat], flags) if n]
+    got = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+    g = [next(got) if n else None for n in flags]
+    return (*g[: len(front)], *([None] * skip), *g[len(front) :])
 
 
 def lstm_layer(
@@ -210,16 +251,17 @@ def lstm_layer(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LSTM layer and direction: ``(y, h_last, c_last)``.
 
-    ``options=None`` is the exact gradient by autograd through the fused kernel (and,
-    for unequal lengths, through the differentiable rebuild of the cell states).
+    ``options=None`` (or exact options) is the exact gradient: on the CPU path without a
+    projection by ``_LSTMExact``, else by autograd through the fused kernel (and, for
+    unequal lengths, through the differentiable rebuild of the cell states).
     """
     has_proj = len(flat) == (5 if has_bias else 3)
-    if options is None:
-        y, _, c_n = _VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), flat, has_bias, 1, 0.0, False, False, False)
-        if lengths is None:
-            c_last = c_n[0]
+    if options is None or options.exact:
+        if not has_proj and exact_by_tape(x, h0, c0, *flat):
+            exact = HighwayOptions(iterations=None)
+            y, c_last = _LSTMExact.apply(x, h0, c0, lengths, exact, sink, key, has_bias, has_proj, *flat)
         else:
-            c_last = at_lengths(lstm_cell_states(x, y, h0, c0, LSTMWeights.from_flat(flat, has_bias, has_proj)), lengths)
+            y, c_last = _lstm_autograd(x, h0, c0, flat, has_bias, has_proj, lengths)
     else:
         y, c_last = _LSTMHighway.apply(x, h0, c0, lengths, options, sink, key, has_bias, has_proj, *flat)
     return y, at_lengths(y, lengths), c_last
@@ -242,7 +284,7 @@ def gru_layer(
         if exact_by_tape(x, h0, *flat):
             y = _GRUExact.apply(x, h0, lengths, HighwayOptions(iterations=None), sink, key, has_bias, *flat)
         else:
-            y, _ = _VF.gru(x, h0.unsqueeze(0), flat, has_bias, 1, 0.0, False, False, False)
+            y = _gru_autograd(x, h0, flat, has_bias)
     else:
         y = _GRUHighway.apply(x, h0, lengths, options, sink, key, has_bias, *flat)
     return y, at_lengths(y, lengths)

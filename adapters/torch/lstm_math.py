@@ -145,7 +145,11 @@ class LSTMTape:
 
     # -- the adjoint -------------------------------------------------------------------
     def highway(self, lh: torch.Tensor, lc: torch.Tensor, options: HighwayOptions) -> tuple[torch.Tensor, torch.Tensor, Diagnostics]:
-        """Highway-BP estimate of ``(dc, wh)`` from the local gradients ``ℓh``, ``ℓc``."""
+        """Highway-BP estimate of ``(dc, wh)`` from the local gradients ``ℓh``, ``ℓc``
+        (exact options: the sequential adjoint, which ``T`` iterations would cost ``T`` times)."""
+        if options.exact:
+            dc, wh = self.exact_adjoint(lh, lc)
+            return dc, wh, Diagnostics()
         k = effective_iterations(options, lh.shape[0])
         record = bool(options.diagnostics)
         if options.split == "gates":
@@ -329,9 +333,23 @@ class FastLSTMTape(LSTMTape):
 
         return block, wh_box
 
+    def exact_adjoint(self, lh: torch.Tensor, lc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """On CPU without a projection, one C time loop (``reserve.lstm_adjoint``), which also
+        writes ``dpre`` for the adjoint it returns (``input_grads`` takes it once)."""
+        if self.w.w_hr is not None or not reserve.supports(lh, lc, self.gates, self.c, self.w.w_hh, self.c0):
+            return super().exact_adjoint(lh, lc)
+        dc, wh, dpre = reserve.lstm_adjoint(self.gates, self.c, self.c0.contiguous(), self.tanh_c, self.readout_gain,
+                                            self.w.w_hh, lh, lc)
+        self._exact_dpre = (dc, wh, dpre)
+        return dc, wh
+
     def input_grads(self, dc: torch.Tensor, wh: torch.Tensor, needs: dict[str, bool]) -> dict[str, torch.Tensor | None]:
         T, B = dc.shape[:2]
-        dpre = self.dpre(dc, wh, out=self.__dict__.pop("_dpre_buf", None))  # the iterations' buffer, if any
+        done = self.__dict__.pop("_exact_dpre", None)
+        if done is not None and done[0] is dc and done[1] is wh:
+            dpre = done[2]
+        else:
+            dpre = self.dpre(dc, wh, out=self.__dict__.pop("_dpre_buf", None))  # the iterations' buffer, if any
         H4 = dpre.shape[-1]
         flat = dpre.view(T * B, H4)
         P = self.w.w_hh.shape[1]

@@ -47,7 +47,7 @@ from hwbptt.kernels.cbuild import addr, load, run_parallel, switch, task
 
 from . import fused, gemm, workspace
 
-__all__ = ["available", "enabled", "use", "supports", "lstm_forward", "gru_forward", "gru_adjoint"]
+__all__ = ["available", "enabled", "use", "supports", "lstm_forward", "gru_forward", "lstm_adjoint", "gru_adjoint"]
 
 _LOOPS = r"""
 #include <stdint.h>
@@ -126,6 +126,36 @@ void gru_adjoint_##SUF(void* gemm_p, long T, long B, long H, long b_lo, long b_h
     step_gemm_##SUF(gemm_p, n, H, 3 * H, w_hh_t, dgh + (t * B + b_lo) * 3 * H, wp + b_lo * H); \
   }                                                                                           \
 }                                                                                             \
+/* The LSTM's exact adjoint (no projection), BPTT's order, from the kept gates: with          \
+   wh_t = lh_t + dpre_{t+1} W_hh and dc_t = lc_t + wh_t ⊙ gain_t + f_{t+1} ⊙ dc_{t+1}, writes \
+   wh, dc and dpre_t = lstm_dpre(dc_t, wh_t) for every step. w_hh_t is W_hh^T (H x 4H).      \
+   The step product is added onto wh_{t-1} = lh_{t-1}, set first. */                         \
+void lstm_adjoint_##SUF(void* gemm_p, long T, long B, long H, long b_lo, long b_hi,            \
+                        const T_* gates, const T_* c, const T_* c0, const T_* tc,             \
+                        const T_* gain, const T_* w_hh_t, const T_* lh, const T_* lc,         \
+                        T_* wh, T_* dc, T_* dpre) {                                           \
+  long n = b_hi - b_lo;                                                                       \
+  for (long r = b_lo * H; r < b_hi * H; ++r) wh[(T - 1) * B * H + r] = lh[(T - 1) * B * H + r]; \
+  for (long t = T - 1; t >= 0; --t) {                                                         \
+    for (long b = b_lo; b < b_hi; ++b) {                                                      \
+      long row = t * B + b, r = row * H;                                                      \
+      const T_* g = gates + row * 4 * H;                                                      \
+      for (long h = 0; h < H; ++h) {                                                          \
+        T_ d = lc[r + h] + wh[r + h] * gain[r + h];                                           \
+        if (t < T - 1) d += gates[(row + B) * 4 * H + H + h] * dc[r + B * H + h];             \
+        dc[r + h] = d;                                                                        \
+      }                                                                                       \
+      T_* o = dpre + row * 4 * H;                                                             \
+      lstm_dpre_row_##SUF(H, dc + r, wh + r, g, g + H, g + 2 * H, g + 3 * H,                  \
+                          t ? c + r - B * H : c0 + b * H, tc + r, o, o + H, o + 2 * H, o + 3 * H); \
+    }                                                                                         \
+    if (t == 0) break;                                                                        \
+    T_* wp = wh + (t - 1) * B * H;                                                            \
+    const T_* lp = lh + (t - 1) * B * H;                                                      \
+    for (long r = b_lo * H; r < b_hi * H; ++r) wp[r] = lp[r];                                 \
+    step_gemm_##SUF(gemm_p, n, H, 4 * H, w_hh_t, dpre + (t * B + b_lo) * 4 * H, wp + b_lo * H); \
+  }                                                                                           \
+}                                                                                             \
 /* The tasks for cbuild.run_parallel: batch rows [lo, hi) through every step (the rows of    \
    a batch never meet); p holds the other arguments in order, pointers as integers. */       \
 void lstm_forward_task_##SUF(long lo, long hi, const int64_t* p) {                            \
@@ -136,6 +166,11 @@ void lstm_forward_task_##SUF(long lo, long hi, const int64_t* p) {              
 void gru_forward_task_##SUF(long lo, long hi, const int64_t* p) {                             \
   gru_forward_##SUF((void*)p[0], p[1], p[2], p[3], lo, hi, (T_*)p[4], (T_*)p[5],               \
                     (const T_*)p[6], (const T_*)p[7], (const T_*)p[8], (T_*)p[9]);            \
+}                                                                                             \
+void lstm_adjoint_task_##SUF(long lo, long hi, const int64_t* p) {                            \
+  lstm_adjoint_##SUF((void*)p[0], p[1], p[2], p[3], lo, hi, (const T_*)p[4], (const T_*)p[5],  \
+                     (const T_*)p[6], (const T_*)p[7], (const T_*)p[8], (const T_*)p[9],      \
+                     (const T_*)p[10], (const T_*)p[11], (T_*)p[12], (T_*)p[13], (T_*)p[14]); \
 }                                                                                             \
 void gru_adjoint_task_##SUF(long lo, long hi, const int64_t* p) {                             \
   gru_adjoint_##SUF((void*)p[0], p[1], p[2], p[3], lo, hi, (const T_*)p[4], (const T_*)p[5],   \
@@ -173,6 +208,7 @@ def available() -> bool:
                 _FN[("lstm", dtype)] = task(lib, f"lstm_forward_task_{suf}")
                 _FN[("gru", dtype)] = task(lib, f"gru_forward_task_{suf}")
                 _FN[("gru_adjoint", dtype)] = task(lib, f"gru_adjoint_task_{suf}")
+                _FN[("lstm_adjoint", dtype)] = task(lib, f"lstm_adjoint_task_{suf}")
             _state["ok"] = True
     return _state["ok"]
 
@@ -265,6 +301,30 @@ def gru_forward(
     args = [_gemm[x.dtype], T, B, H, addr(gi), addr(gh), addr(w_hh), addr(b_hh), addr(h0), addr(y)]
     run_parallel(_FN[("gru", x.dtype)], args, B, T * B * 3 * H, openmp_only=True)
     return buf, gh, y
+
+
+def lstm_adjoint(
+    gates: torch.Tensor, c: torch.Tensor, c0: torch.Tensor, tanh_c: torch.Tensor, gain: torch.Tensor,
+    w_hh: torch.Tensor, lh: torch.Tensor, lc: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LSTM's exact adjoint in BPTT's order (no ``proj_size``), as one C time loop:
+    ``(dc, wh, dpre)``.
+
+    ``gates`` (T, B, 4H) ``[i, f, g, o]``, ``c``, ``tanh_c`` and ``gain = o (1 - tanh² c)``
+    (T, B, H) as ``lstm_forward`` kept them; ``lh``, ``lc`` (T, B, H) the local gradients
+    on ``h_t`` and ``c_t``. ``wh_t = ℓh_t + dpre_{t+1} W_hh`` (one BLAS gemm per step),
+    ``dc_t = ℓc_t + wh_t ⊙ gain_t + f_{t+1} ⊙ dc_{t+1}`` and ``dpre_t`` (T, B, 4H), the
+    gradient on the gate pre-activations. Reference: ``LSTMTape.exact_adjoint``."""
+    T, B, H4 = gates.shape
+    H = H4 // 4
+    lh, lc = lh.contiguous(), lc.contiguous()
+    wh, dc = workspace.empty((T, B, H), lh), workspace.empty((T, B, H), lh)
+    dpre = workspace.empty((T, B, H4), lh)
+    w_hh_t = w_hh.t().contiguous()
+    args = [_gemm[lh.dtype], T, B, H, addr(gates), addr(c), addr(c0), addr(tanh_c), addr(gain), addr(w_hh_t),
+            addr(lh), addr(lc), addr(wh), addr(dc), addr(dpre)]
+    run_parallel(_FN[("lstm_adjoint", lh.dtype)], args, B, T * B * H4, openmp_only=True)
+    return dc, wh, dpre
 
 
 def gru_adjoint(

@@ -10,11 +10,12 @@ When is which path taken (nothing switches silently: each is the documented beha
   on padded input; a ``PackedSequence`` runs at padded speed (below);
 - ``iterations=None`` and no ``tol`` (exact): the parent's own forward and autograd
   (BPTT through the fused kernel); for a ``PackedSequence``, autograd through the padded
-  fused kernel. Except ``HighwayGRU`` on the CPU fast path (float32/float64, the C
-  kernels built, no ``torch.jit.trace``/``torch.compile``): BPTT's adjoint as one C time
-  loop on the gates its forward kept (``layer._GRUExact``), the same gradient, since ATen's
-  CPU GRU backward is a loop of small operators per step; under ``create_graph=True`` that
-  backward differentiates the fused kernel with autograd, so higher-order gradients work;
+  fused kernel. Except on the CPU fast path (float32/float64, the C kernels built, no
+  ``proj_size``, no ``torch.jit.trace``/``torch.compile``): BPTT's adjoint as one C time
+  loop on the gates the forward kept (``layer._LSTMExact``, ``layer._GRUExact``), the same
+  gradient in less time than the parent's backward (``docs/performance.md``); under
+  ``create_graph=True`` that backward differentiates the fused kernel with autograd, so
+  higher-order gradients work;
 - an empty input (batch 0, T = 0, no features): the parent's forward and autograd (its
   error for T = 0; for an empty batch every gradient is zero under either algorithm);
 - otherwise: Highway-BP with the options read at this forward call.
@@ -92,9 +93,14 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
 
     # -- the parent's behaviour, kept --------------------------------------------------
     def _exact_by_tape(self, input: Any, hx: Any) -> bool:
-        """Whether exact mode runs this layer's own exact backward (``gru_layer``) rather
-        than the parent's forward and autograd."""
-        return False
+        """Whether exact mode runs this layer's own exact backward (``layer._LSTMExact``,
+        ``layer._GRUExact``: BPTT's adjoint as a C time loop on the gates the forward kept)
+        rather than the parent's forward and autograd. ATen's CPU GRU backward is a loop of
+        small operators per step, and oneDNN's LSTM backward measured slower than the C loop."""
+        if getattr(self, "proj_size", 0):
+            return False
+        states = [] if hx is None else list(self._as_tuple(hx))
+        return exact_by_tape(input, *states, *self._flat_weights)
 
     def _needs_grad(self, input: Any, hx: Any) -> bool:
         if not torch.is_grad_enabled():
@@ -326,12 +332,6 @@ class HighwayGRU(_HighwayRNNBase, nn.GRU):
 
     def _state_sizes(self) -> tuple[int]:
         return (self.hidden_size,)
-
-    def _exact_by_tape(self, input: Any, hx: Any) -> bool:
-        # ATen's CPU GRU backward runs step by step; the C adjoint on the kept gates gives the
-        # same gradient faster (layer._GRUExact).
-        states = [] if hx is None else [hx]
-        return exact_by_tape(input, *states, *self._flat_weights)
 
     def _layer(self, x, states, flat, lengths, options, sink, key):
         y, h_last = gru_layer(x, states[0], flat, self.bias, lengths, options, sink, key)
