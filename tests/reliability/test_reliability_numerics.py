@@ -3,7 +3,6 @@ gates, huge and tiny inputs, bfloat16 autocast, non-finite values, determinism."
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -17,17 +16,6 @@ from hwbptt.torch import HighwayGRU, HighwayLSTM
 
 PAIRS = [(HighwayLSTM, nn.LSTM), (HighwayGRU, nn.GRU)]
 IDS = ["lstm", "gru"]
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    """oneDNN's threaded RNN kernels stall on a loaded 2-core machine: pin the count."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def twins(cls, parent, I, H, dtype=torch.float64, seed=0, **options):
@@ -55,7 +43,7 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("cls, parent", PAIRS, ids=IDS)
-def test_T_100000_forward_backward_finite(cls, parent):
+def test_T_100000_forward_backward_finite(cls, parent, torch_threads):
     """T = 100,000 (B = 2, H = 4): outputs and every gradient finite, the forward equal to
     the parent's, and the last k+1 input-gradient steps exact (k = 3)."""
     T, B, I, H, k = 100_000, 2, 3, 4, 3
@@ -63,7 +51,7 @@ def test_T_100000_forward_backward_finite(cls, parent):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, B, I, generator=g)
     w = torch.randn(T, B, H, generator=g)
-    with threads(1):
+    with torch_threads(1):  # oneDNN's threaded RNN kernels stall on a loaded 2-core machine
         x_o = x.clone().requires_grad_(True)
         y, _ = ours(x_o)
         (y * w).sum().backward()
