@@ -26,7 +26,8 @@ the measured time as a multiple of it. Separately: backward operator calls (aten
 compiled-kernel calls) at two sequence lengths, and a GPU projection that prices the same
 counts with an H100's published figures: a model, labelled as one, not a measurement.
 
-Writes ``bench.json`` and ``bench.png`` (speed-up against k, one line per T) into ``--out``.
+Writes ``bench.json`` and ``bench.png`` (speed-up against k, one line per T, the exact
+gradient as a square at the right) into ``--out``.
 """
 
 from __future__ import annotations
@@ -662,20 +663,27 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    suites = [s for s in SUITES if any(r["suite"] == s and r["k"] != "exact" for r in rows)]
+    suites = [s for s in SUITES if any(r["suite"] == s for r in rows)]
     cols = min(4, max(1, len(suites)))
     nrows = -(-max(1, len(suites)) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
     for ax in axes.flat[len(suites):]:
         ax.axis("off")
     for ax, suite in zip(axes.flat, suites):
-        sel = [r for r in rows if r["suite"] == suite and r["k"] != "exact"]
+        sel = [r for r in rows if r["suite"] == suite]
+        ks = sorted({int(r["k"]) for r in sel if r["k"] != "exact"})
+        x_exact = (ks[-1] + 1) if ks else 0  # the exact gradient, at the right of the k axis
         for T in sorted({r["T"] for r in sel}):
-            pts = sorted((int(r["k"]), r["speedup"]) for r in sel if r["T"] == T)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"T={T}")
+            pts = sorted((int(r["k"]), r["speedup"]) for r in sel if r["T"] == T and r["k"] != "exact")
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"T={T}")
+            exact = [r["speedup"] for r in sel if r["T"] == T and r["k"] == "exact"]
+            if exact:
+                color = line[0].get_color() if pts else None
+                ax.plot([x_exact], exact, marker="s", ls="none", color=color, label=None if pts else f"T={T}")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_ylim(0, max(1.2, 1.1 * max(r["speedup"] for r in sel)))  # from zero, 1x always in view
-        ax.set_xticks(sorted({int(r["k"]) for r in sel}))
+        has_exact = any(r["k"] == "exact" for r in sel)
+        ax.set_xticks(ks + ([x_exact] if has_exact else []), [str(k) for k in ks] + (["exact"] if has_exact else []))
         ax.set_title(suite)
         ax.set_xlabel("iterations k")
         ax.set_ylabel("speed-up vs baseline (x)")
