@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["load", "status", "kernels_enabled", "run_parallel", "threading_mode", "task", "addr", "ptr", "use_openmp", "FLAGS", "CALLS"]
+__all__ = ["load", "status", "kernels_enabled", "run_parallel", "threading_mode", "task", "addr", "use_openmp", "FLAGS", "CALLS"]
 
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-std=c99"]
 _LIBS = ["-lmvec", "-lm"]
@@ -109,10 +109,6 @@ def load(name: str, source: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL | N
                 _status[name] = f"unavailable, plain torch used: {exc}"
         _loaded[name] = lib
         return lib
-
-
-def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
 _LAUNCHER = r"""
