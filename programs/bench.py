@@ -675,10 +675,11 @@ def plot(rows: list[dict], path: str) -> None:
         x_exact = (ks[-1] + 1) if ks else 0  # the exact gradient, at the right of the k axis
         for T in sorted({r["T"] for r in sel}):
             pts = sorted((int(r["k"]), r["speedup"]) for r in sel if r["T"] == T and r["k"] != "exact")
-            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"T={T}")
+            color = None
+            if pts:
+                color = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"T={T}")[0].get_color()
             exact = [r["speedup"] for r in sel if r["T"] == T and r["k"] == "exact"]
-            if exact:
-                color = line[0].get_color() if pts else None
+            if exact:  # one legend entry per T: the square carries it only where no line does
                 ax.plot([x_exact], exact, marker="s", ls="none", color=color, label=None if pts else f"T={T}")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_ylim(0, max(1.2, 1.1 * max(r["speedup"] for r in sel)))  # from zero, 1x always in view
