@@ -1,0 +1,160 @@
+// The CPU kernels of hwbptt.torch: the gate arithmetic of the LSTM and GRU tapes, the
+// linear scan, the forwards that keep the gates and the exact adjoint loops.
+//
+// This header is compiled once per instruction set (kernels_build.cpp, built three times
+// by setup.py: DEFAULT, AVX2, AVX512) and the loader (hwbptt/torch/native.py) loads the
+// one build the running CPU supports. Each build is a whole shared object compiled with
+// one set of flags, so no inline function compiled for a wider instruction set can be
+// picked by the linker for a narrower one.
+//
+// Numerics: no fast-math. The transcendental functions are ATen's vectorised ones
+// (Sleef, 1-ulp, IEEE special values), the same PyTorch's own sigmoid and tanh use:
+// sigmoid(x) = 1 / (1 + exp(-x)) saturates to 0 and 1 over the whole float range (exp
+// overflows to +Inf, 1/Inf = 0), NaN gives NaN. -ffp-contract=off keeps a*b+c two
+// roundings in every build, so the builds agree with each other and with eager torch.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+#include <dlfcn.h>
+
+#include <cstdint>
+
+namespace hwbptt {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Work below this many elements per thread is not worth a thread.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 15;
+
+inline int64_t grain_for(int64_t work_per_index) {
+  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_index));
+}
+
+template <typename T>
+inline Vec<T> load(const T* p, int64_t n) {
+  return n == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
+}
+
+template <typename T>
+inline void store(const Vec<T>& v, T* p, int64_t n) {
+  if (n == Vec<T>::size()) v.store(p);
+  else v.store(p, n);
+}
+
+template <typename T>
+inline Vec<T> sigmoid(const Vec<T>& x) {
+  return (Vec<T>(T(1)) + x.neg().exp()).reciprocal();
+}
+
+// f(h, n) over [0, H) in vector-wide pieces; the remainder is a partial vector, so body
+// and remainder compute with the same functions.
+template <typename T, typename F>
+inline void over_row(int64_t H, const F& f) {
+  constexpr int64_t V = Vec<T>::size();
+  int64_t h = 0;
+  for (; h + V <= H; h += V) f(h, V);
+  if (h < H) f(h, H - h);
+}
+
+// ---- gate rows -------------------------------------------------------------------------
+
+// [i, f, g, o] = [σ, σ, tanh, σ](pre) in place; c = f c_prev + i g; th = tanh(c);
+// gain = o (1 - th²).
+template <typename T>
+inline void lstm_gates_row(int64_t H, T* pi, T* pf, T* pg, T* po, const T* cp, T* cc, T* tt, T* gg) {
+  over_row<T>(H, [&](int64_t h, int64_t n) {
+    Vec<T> one(T(1));
+    Vec<T> i = sigmoid(load(pi + h, n)), f = sigmoid(load(pf + h, n));
+    Vec<T> g = load(pg + h, n).tanh(), o = sigmoid(load(po + h, n));
+    Vec<T> c = f * load(cp + h, n) + i * g;
+    Vec<T> th = c.tanh();
+    store(i, pi + h, n); store(f, pf + h, n); store(g, pg + h, n); store(o, po + h, n);
+    store(c, cc + h, n); store(th, tt + h, n); store(o * (one - th * th), gg + h, n);
+  });
+}
+
+// dpre = [d g i(1-i), d c_prev f(1-f), d i (1-g²), m th o(1-o)].
+template <typename T>
+inline void lstm_dpre_row(int64_t H, const T* d, const T* m, const T* gi, const T* gf, const T* gg, const T* go,
+                          const T* cp, const T* th, T* oi, T* of, T* og, T* oo) {
+  over_row<T>(H, [&](int64_t h, int64_t n) {
+    Vec<T> one(T(1));
+    Vec<T> i = load(gi + h, n), f = load(gf + h, n), g = load(gg + h, n), o = load(go + h, n), dd = load(d + h, n);
+    store(dd * g * i * (one - i), oi + h, n);
+    store(dd * load(cp + h, n) * f * (one - f), of + h, n);
+    store(dd * i * (one - g * g), og + h, n);
+    store(load(m + h, n) * load(th + h, n) * o * (one - o), oo + h, n);
+  });
+}
+
+// r, z = σ(a + b), n = tanh(a_n + r b_n), written over a.
+template <typename T>
+inline void gru_gates_row(int64_t H, T* ar, T* az, T* an, const T* br, const T* bz, const T* bn) {
+  over_row<T>(H, [&](int64_t h, int64_t n) {
+    Vec<T> r = sigmoid(load(ar + h, n) + load(br + h, n));
+    Vec<T> z = sigmoid(load(az + h, n) + load(bz + h, n));
+    Vec<T> nn = (load(an + h, n) + r * load(bn + h, n)).tanh();
+    store(r, ar + h, n); store(z, az + h, n); store(nn, an + h, n);
+  });
+}
+
+// For the cotangent l on h_t: dn = l (1-z)(1-n²), dz = l (h_prev - n) z(1-z),
+// dr = dn gh_n r(1-r); dgh = [dr, dz, dn r] and, if di, dgi = [dr, dz, dn].
+template <typename T>
+inline void gru_dgates_row(int64_t H, const T* l, const T* gr, const T* gz, const T* gn, const T* hn, const T* hp,
+                           T* dr_, T* dz_, T* dn_, T* ir, T* iz, T* in_) {
+  over_row<T>(H, [&](int64_t h, int64_t n) {
+    Vec<T> one(T(1));
+    Vec<T> r = load(gr + h, n), z = load(gz + h, n), nn = load(gn + h, n), lm = load(l + h, n);
+    Vec<T> dn = lm * (one - z) * (one - nn * nn);
+    Vec<T> dz = lm * (load(hp + h, n) - nn) * z * (one - z);
+    Vec<T> dr = dn * load(hn + h, n) * r * (one - r);
+    store(dr, dr_ + h, n); store(dz, dz_ + h, n); store(dn * r, dn_ + h, n);
+    if (ir) { store(dr, ir + h, n); store(dz, iz + h, n); store(dn, in_ + h, n); }
+  });
+}
+
+// The BLAS gemm PyTorch's CPU library exports (MKL on x86), found in the already loaded
+// library at first use; null where that build exports none (the wrappers then report
+// the reserve forwards unavailable, through has_blas).
+using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                         const double*, const int*, const double*, const int*, const double*, double*, const int*);
+struct Blas {
+  sgemm_t s = nullptr;
+  dgemm_t d = nullptr;
+};
+inline const Blas& blas() {
+  static const Blas found = [] {
+    Blas b;
+    void* lib = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
+    void* from = lib ? lib : RTLD_DEFAULT;
+    b.s = reinterpret_cast<sgemm_t>(dlsym(from, "sgemm_"));
+    b.d = reinterpret_cast<dgemm_t>(dlsym(from, "dgemm_"));
+    return b;
+  }();
+  return found;
+}
+
+// out (B x N, row-major) += h (B x K) @ W^T with W (N x K) row-major, through a
+// column-major BLAS: out^T = W^T' h^T, i.e. gemm("T", "N", N, B, K, W, K, h, K, out, N).
+// Sizes fit in int: the wrappers refuse tensors of 2^31 elements or more.
+template <typename T, typename G>
+inline void step_gemm_with(G gemm, int64_t B, int64_t N, int64_t K, const T* w, const T* h, T* out) {
+  TORCH_CHECK(gemm != nullptr, "hwbptt: PyTorch's CPU library exports no BLAS gemm here");
+  const int m = static_cast<int>(N), n = static_cast<int>(B), k = static_cast<int>(K);
+  const T one = T(1);
+  gemm("T", "N", &m, &n, &k, &one, w, &k, h, &k, &one, out, &m);
+}
+inline void step_gemm(int64_t B, int64_t N, int64_t K, const float* w, const float* h, float* out) {
+  step_gemm_with(blas().s, B, N, K, w, h, out);
+}
+inline void step_gemm(int64_t B, int64_t N, int64_t K, const double* w, const double* h, double* out) {
+  step_gemm_with(blas().d, B, N, K, w, h, out);
+}
+
+}  // namespace hwbptt
