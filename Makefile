@@ -7,10 +7,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench study env sysdeps clean
 
-$(STAMP): pyproject.toml constraints.txt
+KERNEL_SOURCES := setup.py $(wildcard adapters/torch/csrc/*.cpp adapters/torch/csrc/*.h)
+
+# PyTorch first, then the package without build isolation, so that setup.py compiles the
+# CPU kernels against that PyTorch (the usual convention for PyTorch extensions).
+$(STAMP): pyproject.toml constraints.txt $(KERNEL_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[all]"
+	$(PY) -m pip install --quiet -c constraints.txt "setuptools>=68" wheel torch numpy
+	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation -e ".[all]"
+	$(PY) -c "import hwbptt.torch as t; s = t.kernels_status(); print('hwbptt kernels:', s['kernels'], s.get('why', ''))"
 	touch $(STAMP)
 
 env: $(STAMP)

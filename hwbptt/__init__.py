@@ -1,13 +1,15 @@
 """hwbptt: Highway backpropagation through time.
 
-The core: the linear scan, the Highway-BP iteration and its options. Framework adapters
-live in ``hwbptt.torch`` and ``hwbptt.keras``; the programs (demo, bench, study) in
+The core: the Highway-BP iteration, its options, the iteration schedule and the linear
+scan's contract with its reference. It imports no framework (NumPy only): the adapters
+live in ``hwbptt.torch`` (PyTorch: the layers, the scan, the compiled kernels) and
+``hwbptt.keras`` (Keras, any backend); the programs (demo, bench, study) in
 ``hwbptt.programs``.
 """
 
 from .engine import ArrayOps, highway_adjoint
 from .options import Diagnostics, HighwayOptions, HighwayOptionsMixin, effective_iterations
-from .scan import TORCH_OPS, linear_scan, linear_scan_reference
+from .scan import linear_scan_reference
 from .schedule import IterationSchedule
 
 __all__ = [
@@ -16,10 +18,8 @@ __all__ = [
     "HighwayOptions",
     "HighwayOptionsMixin",
     "IterationSchedule",
-    "TORCH_OPS",
     "effective_iterations",
     "highway_adjoint",
-    "linear_scan",
     "linear_scan_reference",
 ]
 

@@ -7,15 +7,15 @@ import shutil
 import pytest
 import torch
 
-from hwbptt import HighwayOptions, linear_scan, linear_scan_reference
-from hwbptt.kernels import cpu_scan
-from hwbptt.scan import linear_scan_torch, scan_backend
+from hwbptt import HighwayOptions
+from hwbptt.torch import cpu_scan
+from hwbptt.torch.scan import linear_scan, linear_scan_reference, linear_scan_torch, scan_backend
 from hwbptt.torch import HighwayGRU, HighwayLSTM, fused, gemm, reserve
 from hwbptt.torch.gru_math import FastGRUTape, GRUTape, GRUWeights, make_gru_tape
 from hwbptt.torch.lstm_math import FastLSTMTape, LSTMTape, LSTMWeights, make_lstm_tape
 
 HAVE_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
-needs_kernels = pytest.mark.skipif(not (cpu_scan.available() and fused.available()), reason="no C compiler: kernels not built")
+needs_kernels = pytest.mark.skipif(not (cpu_scan.available() and fused.available()), reason="the compiled kernels are not built here")
 
 
 def test_kernels_build_where_a_compiler_exists():

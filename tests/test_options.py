@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hwbptt import TORCH_OPS, HighwayOptions, IterationSchedule, highway_adjoint
+from hwbptt import HighwayOptions, IterationSchedule, highway_adjoint
+from hwbptt.torch.scan import TORCH_OPS
 from hwbptt.torch import HighwayGRU, HighwayLSTM
 
 

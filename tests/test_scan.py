@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hwbptt import linear_scan, linear_scan_reference
+from hwbptt.torch.scan import linear_scan, linear_scan_reference
 
 
 def _gates(shape, dtype=torch.float64, seed=0):
@@ -101,7 +101,7 @@ def test_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 2, 9, 40])
 def test_reverse_scan_sum_matches_reference(dtype, T):
-    from hwbptt.scan import reverse_scan_sum
+    from hwbptt.torch.scan import reverse_scan_sum
 
     g = torch.Generator().manual_seed(T)
     big = torch.rand(T, 3, 30, generator=g)
@@ -118,8 +118,8 @@ def test_reverse_scan_sum_matches_reference(dtype, T):
 
 
 def test_reverse_scan_sum_writes_into_out_on_the_cpu_kernel():
-    from hwbptt.kernels import cpu_scan
-    from hwbptt.scan import reverse_scan_sum
+    from hwbptt.torch import cpu_scan
+    from hwbptt.torch.scan import reverse_scan_sum
 
     if not cpu_scan.available():
         pytest.skip("no C compiler: kernels not built")
@@ -132,7 +132,7 @@ class _OpsWithoutScanSum:
     """TORCH_OPS without the optional in-place method: the engine's plain path."""
 
     def __init__(self):
-        from hwbptt import TORCH_OPS
+        from hwbptt.torch.scan import TORCH_OPS
 
         self.reverse_scan, self.shift_next, self.norm = TORCH_OPS.reverse_scan, TORCH_OPS.shift_next, TORCH_OPS.norm
 
@@ -142,7 +142,8 @@ class _OpsWithoutScanSum:
 def test_engine_in_place_scan_path_equals_plain_path(k, mode):
     """The engine reuses the estimate two iterations back as the scan's output: the
     iterates must be those of the path that allocates a new array each iteration."""
-    from hwbptt import TORCH_OPS, highway_adjoint
+    from hwbptt import highway_adjoint
+    from hwbptt.torch.scan import TORCH_OPS
 
     g = torch.Generator().manual_seed(k)
     T, N = 12, 7
@@ -159,3 +160,29 @@ def test_engine_in_place_scan_path_equals_plain_path(k, mode):
     ref, d2 = highway_adjoint(a, local, block, iterations=k, ops=_OpsWithoutScanSum(), **kw)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     assert d1.iterations == d2.iterations and d1.update_norms == pytest.approx(d2.update_norms)
+
+
+def test_core_reference_is_numpy_and_matches_torch_scan():
+    """The core's reference (NumPy, no framework) and the torch scan solve one recurrence."""
+    import numpy as np
+
+    from hwbptt import linear_scan_reference as core_reference
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(23, 4, 5, generator=g, dtype=torch.float64), torch.randn(23, 4, 5, generator=g, dtype=torch.float64)
+    for reverse in (False, True):
+        for axis in (0, 1):
+            got = core_reference(a.numpy(), b.numpy(), reverse=reverse, axis=axis)
+            assert isinstance(got, np.ndarray)
+            np.testing.assert_allclose(got, linear_scan(a, b, reverse=reverse, dim=axis).numpy(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="axis=3"):
+        core_reference(a.numpy(), b.numpy(), axis=3)
+
+
+def test_core_imports_no_framework():
+    import subprocess
+    import sys
+
+    code = "import hwbptt, sys; assert 'torch' not in sys.modules and 'keras' not in sys.modules and 'tensorflow' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -19,8 +19,8 @@ if importlib.util.find_spec("triton") is None:
 SCRIPT = textwrap.dedent(
     """
     import torch
-    from hwbptt import linear_scan_reference
-    from hwbptt.kernels import triton_scan
+    from hwbptt.torch import triton_scan
+    from hwbptt.torch.scan import linear_scan_reference
     assert triton_scan.available()
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):

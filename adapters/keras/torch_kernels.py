@@ -35,7 +35,7 @@ _state = {"enabled": True}
 
 def use(on: bool) -> contextlib.AbstractContextManager[None]:
     """Switch this route on or off within a block (for comparisons with ``keras.ops``)."""
-    from hwbptt.kernels.cbuild import switch  # imports torch, which only this backend has
+    from hwbptt.torch.dispatch import switch  # imports torch, which only this backend has
 
     return switch(_state, on, "use")
 

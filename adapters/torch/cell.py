@@ -41,7 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from hwbptt.engine import highway_adjoint
 from hwbptt.options import CheckFiniteMixin, Diagnostics, HighwayOptions, HighwayOptionsMixin, effective_iterations
-from hwbptt.scan import TORCH_OPS
+from .scan import TORCH_OPS
 
 from .finite import nonfinite_at, nonfinite_at_step, raise_nonfinite
 

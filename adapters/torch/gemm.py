@@ -20,9 +20,8 @@ from typing import Sequence
 
 import torch
 
-from hwbptt.kernels.cbuild import addr, load, run_parallel, switch, task
-
-from . import workspace
+from . import native, workspace
+from .dispatch import switch
 
 __all__ = ["linear_t", "tn", "backend", "use_onednn", "status"]
 
@@ -82,35 +81,6 @@ def linear_t(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None)
     return torch.mm(a, w.t()) if bias is None else torch.addmm(bias, a, w.t())
 
 
-_TRANSPOSE = r"""
-#include <stdint.h>
-#include <string.h>
-/* dst[g * ldd + n] = src[n * lds + g] for n < N, g in [g_lo, g_hi): 16 x 16 tiles through a
-   local block, so that both the reads and the writes run along rows. */
-void transpose_f32(long N, long g_lo, long g_hi, const float* restrict src, long lds,
-                   float* restrict dst, long ldd) {
-  long n0 = 0;
-  for (; n0 + 16 <= N; n0 += 16) {
-    long g0 = g_lo;
-    for (; g0 + 16 <= g_hi; g0 += 16) {
-      float t[16][16];
-      for (int i = 0; i < 16; ++i)
-        for (int j = 0; j < 16; ++j) t[j][i] = src[(n0 + i) * lds + g0 + j];
-      for (int j = 0; j < 16; ++j) memcpy(dst + (g0 + j) * ldd + n0, t[j], sizeof t[j]);
-    }
-    for (long g = g0; g < g_hi; ++g)
-      for (long n = n0; n < n0 + 16; ++n) dst[g * ldd + n] = src[n * lds + g];
-  }
-  for (long g = g_lo; g < g_hi; ++g)
-    for (long n = n0; n < N; ++n) dst[g * ldd + n] = src[n * lds + g];
-}
-/* The task for cbuild.run_parallel: columns [lo, hi) of src; p = (N, src, lds, dst, ldd). */
-void transpose_f32_task(long lo, long hi, const int64_t* p) {
-  transpose_f32(p[0], lo, hi, (const float*)p[1], p[2], (float*)p[3], p[4]);
-}
-"""
-_transpose_fn: list = []
-
 # Rows per chunk of ``tn``: its transposed operands (G·chunk and K·chunk floats) stay in cache.
 _TN_CHUNK = 2048
 # Narrower products stay on torch.mm: measured on the 2-core machine, at K = 128 the
@@ -119,19 +89,15 @@ _TN_MIN_K = 256
 
 
 def _transpose():
-    """The compiled transpose, or ``None`` (no C compiler, or kernels switched off)."""
-    if not _transpose_fn:
-        lib = load("torch_transpose", _TRANSPOSE)
-        _transpose_fn.append(None if lib is None else task(lib, "transpose_f32_task"))
-    return _transpose_fn[0]
+    """The compiled transpose operator, or ``None`` (no kernels loaded)."""
+    ops = native.ops()
+    return None if ops is None else ops.transpose_out
 
 
 def _transpose_into(src: torch.Tensor, dst: torch.Tensor) -> None:
     """``dst[:] = src.T`` for float32 ``src`` (n, G) and ``dst`` (G, n), both unit stride
     along their rows."""
-    fn = _transpose()
-    n, G = src.shape
-    run_parallel(fn, [n, addr(src), src.stride(0), addr(dst), dst.stride(0)], G, n * G)
+    native.ops().transpose_out(src, dst)
 
 
 def tn(d: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:

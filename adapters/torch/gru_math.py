@@ -30,9 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint
+from hwbptt import Diagnostics, HighwayOptions, effective_iterations, highway_adjoint
 
 from . import fused, gemm, reserve, workspace
+from .scan import TORCH_OPS
 
 __all__ = ["GRUWeights", "GRUTape", "FastGRUTape", "make_gru_tape"]
 

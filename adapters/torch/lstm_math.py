@@ -44,9 +44,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hwbptt import TORCH_OPS, Diagnostics, HighwayOptions, effective_iterations, highway_adjoint, linear_scan
+from hwbptt import Diagnostics, HighwayOptions, effective_iterations, highway_adjoint
 
 from . import fused, gemm, reserve, workspace
+from .scan import TORCH_OPS, linear_scan
 
 __all__ = ["LSTMWeights", "LSTMTape", "FastLSTMTape", "make_lstm_tape", "lstm_cell_states"]
 
@@ -375,7 +376,7 @@ class FastLSTMTape(LSTMTape):
 
 def make_lstm_tape(x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w: LSTMWeights) -> LSTMTape:
     """``FastLSTMTape`` where the fused kernels take these tensors, else ``LSTMTape``
-    (same results; ``hwbptt.kernels.status()`` says whether the kernels built)."""
+    (same results; ``hwbptt.torch.kernels_status()`` says whether the kernels are loaded)."""
     tensors = [x, y, h0, c0, w.w_ih, w.w_hh] + [t for t in (w.b_ih, w.b_hh, w.w_hr) if t is not None]
     if fused.supports(*tensors):
         return FastLSTMTape(x, y, h0, c0, w)

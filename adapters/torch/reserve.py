@@ -20,12 +20,12 @@ GRU (gate order r, z, n)::
     r, z = σ(gi_{r,z} + gh_{r,z}),  n = tanh(gi_n + r ⊙ gh_n)   (in place in gi)
     h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1}
 
-The per-step gate arithmetic is the fused kernels' own row functions
-(``hwbptt.torch.fused``), compiled into this library together with the time loop; the
-per-step product calls the BLAS ``sgemm_``/``dgemm_`` that PyTorch's CPU library exports
-(MKL on x86), so no step returns to Python. Where that symbol is missing (another BLAS
-build) or no C compiler is found, ``available()`` is false and the layers use the
-recompute path, which gives the same gradients.
+The per-step gate arithmetic is the fused kernels' own row functions, compiled into the
+same operators as the time loop (``adapters/torch/csrc/loops.cpp``); the per-step product
+calls the BLAS ``sgemm_``/``dgemm_`` that PyTorch's CPU library exports (MKL on x86), so
+no step returns to Python. Where that symbol is missing (another BLAS build) or no
+kernels were built at install, ``available()`` is false and the layers use the recompute
+path, which gives the same gradients.
 
 Which path is faster was measured, not assumed (``docs/performance.md``); ``use(False)``
 switches this path off for comparisons (``tests/test_fast_paths.py`` checks that both give
@@ -38,179 +38,22 @@ References: the framework's fused forward (``torch._VF.lstm``/``gru``) for the s
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 
 import torch
 
-from hwbptt.kernels.cbuild import addr, load, run_parallel, switch, task
-
-from . import fused, gemm, workspace
+from . import fused, gemm, native, workspace
+from .dispatch import switch
 
 __all__ = ["available", "enabled", "use", "supports", "lstm_forward", "gru_forward", "lstm_adjoint", "gru_adjoint"]
 
-_LOOPS = r"""
-#include <stdint.h>
-typedef void (*gemm_t_f32)(const char*, const char*, const int*, const int*, const int*, const float*,
-                           const float*, const int*, const float*, const int*, const float*, float*, const int*);
-typedef void (*gemm_t_f64)(const char*, const char*, const int*, const int*, const int*, const double*,
-                           const double*, const int*, const double*, const int*, const double*, double*, const int*);
-/* Row-major out (B x N) += h (B x K) @ W^T with W (N x K) row-major, through a column-major
-   BLAS: out^T = W^T' h^T, i.e. gemm("T", "N", N, B, K, W, K, h, K, out, N). */
-#define LOOPS(SUF, T_)                                                                        \
-static void step_gemm_##SUF(void* gemm_p, long B, long N, long K, const T_* w, const T_* h,    \
-                            T_* out) {                                                        \
-  int m = (int)N, n = (int)B, k = (int)K; T_ one = (T_)1;                                     \
-  ((gemm_t_##SUF)gemm_p)("T", "N", &m, &n, &k, &one, w, &k, h, &k, &one, out, &m);           \
-}                                                                                             \
-void lstm_forward_##SUF(void* gemm_p, long T, long B, long H, long b_lo, long b_hi, T_* pre,  \
-                        const T_* w_hh, const T_* h0, const T_* c0, T_* y, T_* c, T_* tc,     \
-                        T_* gain) {                                                           \
-  for (long t = 0; t < T; ++t) {                                                              \
-    T_* p = pre + t * B * 4 * H;                                                              \
-    step_gemm_##SUF(gemm_p, b_hi - b_lo, 4 * H, H, w_hh,                                      \
-                    (t ? y + (t - 1) * B * H : h0) + b_lo * H, p + b_lo * 4 * H);             \
-    for (long b = b_lo; b < b_hi; ++b) {                                                      \
-      T_* q = p + b * 4 * H;                                                                  \
-      long r = (t * B + b) * H;                                                               \
-      lstm_gates_row_##SUF(H, q, q + H, q + 2 * H, q + 3 * H,                                 \
-                           t ? c + r - B * H : c0 + b * H, c + r, tc + r, gain + r);          \
-      for (long h = 0; h < H; ++h) y[r + h] = q[3 * H + h] * tc[r + h];                       \
-    }                                                                                         \
-  }                                                                                           \
-}                                                                                             \
-void gru_forward_##SUF(void* gemm_p, long T, long B, long H, long b_lo, long b_hi, T_* gi,    \
-                       T_* gh, const T_* w_hh, const T_* b_hh, const T_* h0, T_* y) {         \
-  for (long t = 0; t < T; ++t) {                                                              \
-    T_* a = gi + t * B * 3 * H;                                                               \
-    T_* g = gh + t * B * 3 * H;                                                               \
-    for (long b = b_lo; b < b_hi; ++b)                                                        \
-      for (long j = 0; j < 3 * H; ++j) g[b * 3 * H + j] = b_hh ? b_hh[j] : (T_)0;             \
-    const T_* hp = t ? y + (t - 1) * B * H : h0;                                              \
-    step_gemm_##SUF(gemm_p, b_hi - b_lo, 3 * H, H, w_hh, hp + b_lo * H, g + b_lo * 3 * H);   \
-    for (long b = b_lo; b < b_hi; ++b) {                                                      \
-      T_* q = a + b * 3 * H;                                                                  \
-      const T_* e = g + b * 3 * H;                                                            \
-      gru_gates_row_##SUF(H, q, q + H, q + 2 * H, e, e + H, e + 2 * H);                       \
-      T_* yy = y + (t * B + b) * H;                                                           \
-      const T_* hh = hp + b * H;                                                              \
-      for (long h = 0; h < H; ++h) yy[h] = ((T_)1 - q[H + h]) * q[2 * H + h] + q[H + h] * hh[h]; \
-    }                                                                                         \
-  }                                                                                           \
-}                                                                                             \
-/* The GRU's exact adjoint, BPTT's order, from the kept gates: w_t = lh_t + carry_t with      \
-   carry_{t-1} = dgh_t(w_t) W_hh + w_t ⊙ z_t, and (dgi_t, dgh_t) for w_t written as it goes. \
-   w_hh_t is W_hh^T (H x 3H) row-major, so that the step product is step_gemm's form. */     \
-void gru_adjoint_##SUF(void* gemm_p, long T, long B, long H, long b_lo, long b_hi,             \
-                       const T_* gates, const T_* gh, const T_* w_hh_t, const T_* h0,         \
-                       const T_* y, const T_* lh, T_* w, T_* dgi, T_* dgh) {                  \
-  long n = b_hi - b_lo;                                                                       \
-  for (long t = T - 1; t >= 0; --t) {                                                         \
-    T_* wt = w + t * B * H;                                                                   \
-    const T_* lt = lh + t * B * H;                                                            \
-    for (long r = b_lo * H; r < b_hi * H; ++r) wt[r] = t == T - 1 ? lt[r] : wt[r] + lt[r];    \
-    for (long b = b_lo; b < b_hi; ++b) {                                                      \
-      long row = t * B + b;                                                                   \
-      const T_* g = gates + row * 3 * H;                                                      \
-      const T_* hp = t ? y + (row - B) * H : h0 + b * H;                                      \
-      T_* d = dgh + row * 3 * H;                                                              \
-      T_* e = dgi + row * 3 * H;                                                              \
-      gru_dgates_row_##SUF(H, wt + b * H, g, g + H, g + 2 * H, gh + row * 3 * H + 2 * H, hp,  \
-                           d, d + H, d + 2 * H, e, e + H, e + 2 * H);                         \
-    }                                                                                         \
-    if (t == 0) break;                                                                        \
-    T_* wp = w + (t - 1) * B * H;                                                             \
-    for (long b = b_lo; b < b_hi; ++b)                                                        \
-      for (long h = 0; h < H; ++h)                                                            \
-        wp[b * H + h] = wt[b * H + h] * gates[(t * B + b) * 3 * H + H + h];                   \
-    step_gemm_##SUF(gemm_p, n, H, 3 * H, w_hh_t, dgh + (t * B + b_lo) * 3 * H, wp + b_lo * H); \
-  }                                                                                           \
-}                                                                                             \
-/* The LSTM's exact adjoint (no projection), BPTT's order, from the kept gates: with          \
-   wh_t = lh_t + dpre_{t+1} W_hh and dc_t = lc_t + wh_t ⊙ gain_t + f_{t+1} ⊙ dc_{t+1}, writes \
-   wh, dc and dpre_t = lstm_dpre(dc_t, wh_t) for every step. w_hh_t is W_hh^T (H x 4H).      \
-   The step product is added onto wh_{t-1} = lh_{t-1}, set first. */                         \
-void lstm_adjoint_##SUF(void* gemm_p, long T, long B, long H, long b_lo, long b_hi,            \
-                        const T_* gates, const T_* c, const T_* c0, const T_* tc,             \
-                        const T_* gain, const T_* w_hh_t, const T_* lh, const T_* lc,         \
-                        T_* wh, T_* dc, T_* dpre) {                                           \
-  long n = b_hi - b_lo;                                                                       \
-  for (long r = b_lo * H; r < b_hi * H; ++r) wh[(T - 1) * B * H + r] = lh[(T - 1) * B * H + r]; \
-  for (long t = T - 1; t >= 0; --t) {                                                         \
-    for (long b = b_lo; b < b_hi; ++b) {                                                      \
-      long row = t * B + b, r = row * H;                                                      \
-      const T_* g = gates + row * 4 * H;                                                      \
-      for (long h = 0; h < H; ++h) {                                                          \
-        T_ d = lc[r + h] + wh[r + h] * gain[r + h];                                           \
-        if (t < T - 1) d += gates[(row + B) * 4 * H + H + h] * dc[r + B * H + h];             \
-        dc[r + h] = d;                                                                        \
-      }                                                                                       \
-      T_* o = dpre + row * 4 * H;                                                             \
-      lstm_dpre_row_##SUF(H, dc + r, wh + r, g, g + H, g + 2 * H, g + 3 * H,                  \
-                          t ? c + r - B * H : c0 + b * H, tc + r, o, o + H, o + 2 * H, o + 3 * H); \
-    }                                                                                         \
-    if (t == 0) break;                                                                        \
-    T_* wp = wh + (t - 1) * B * H;                                                            \
-    const T_* lp = lh + (t - 1) * B * H;                                                      \
-    for (long r = b_lo * H; r < b_hi * H; ++r) wp[r] = lp[r];                                 \
-    step_gemm_##SUF(gemm_p, n, H, 4 * H, w_hh_t, dpre + (t * B + b_lo) * 4 * H, wp + b_lo * H); \
-  }                                                                                           \
-}                                                                                             \
-/* The tasks for cbuild.run_parallel: batch rows [lo, hi) through every step (the rows of    \
-   a batch never meet); p holds the other arguments in order, pointers as integers. */       \
-void lstm_forward_task_##SUF(long lo, long hi, const int64_t* p) {                            \
-  lstm_forward_##SUF((void*)p[0], p[1], p[2], p[3], lo, hi, (T_*)p[4], (const T_*)p[5],        \
-                     (const T_*)p[6], (const T_*)p[7], (T_*)p[8], (T_*)p[9], (T_*)p[10],       \
-                     (T_*)p[11]);                                                             \
-}                                                                                             \
-void gru_forward_task_##SUF(long lo, long hi, const int64_t* p) {                             \
-  gru_forward_##SUF((void*)p[0], p[1], p[2], p[3], lo, hi, (T_*)p[4], (T_*)p[5],               \
-                    (const T_*)p[6], (const T_*)p[7], (const T_*)p[8], (T_*)p[9]);            \
-}                                                                                             \
-void lstm_adjoint_task_##SUF(long lo, long hi, const int64_t* p) {                            \
-  lstm_adjoint_##SUF((void*)p[0], p[1], p[2], p[3], lo, hi, (const T_*)p[4], (const T_*)p[5],  \
-                     (const T_*)p[6], (const T_*)p[7], (const T_*)p[8], (const T_*)p[9],      \
-                     (const T_*)p[10], (const T_*)p[11], (T_*)p[12], (T_*)p[13], (T_*)p[14]); \
-}                                                                                             \
-void gru_adjoint_task_##SUF(long lo, long hi, const int64_t* p) {                             \
-  gru_adjoint_##SUF((void*)p[0], p[1], p[2], p[3], lo, hi, (const T_*)p[4], (const T_*)p[5],   \
-                    (const T_*)p[6], (const T_*)p[7], (const T_*)p[8], (const T_*)p[9],       \
-                    (T_*)p[10], (T_*)p[11], (T_*)p[12]);                                      \
-}
-LOOPS(f32, float)
-LOOPS(f64, double)
-"""
-
-_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-_GEMM = {torch.float32: "sgemm_", torch.float64: "dgemm_"}
-_FN: dict[tuple[str, torch.dtype], object] = {}
-_gemm: dict[torch.dtype, int] = {}
-_state = {"enabled": True, "checked": False, "ok": False}
-
-
-def _blas() -> dict[torch.dtype, int]:
-    """Addresses of PyTorch's exported BLAS gemm functions, or ``{}``."""
-    try:
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        return {dt: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for dt, name in _GEMM.items()}
-    except (OSError, AttributeError):
-        return {}
+_state = {"enabled": True}
 
 
 def available() -> bool:
-    """Whether the reserve forwards were built and PyTorch exports a BLAS gemm."""
-    if not _state["checked"]:
-        _state["checked"] = True
-        lib = load("torch_rnn_reserve", fused._SOURCE + _LOOPS) if fused.available() else None
-        _gemm.update(_blas() if lib is not None else {})
-        if lib is not None and len(_gemm) == len(_GEMM):
-            for dtype, suf in _DTYPES.items():
-                _FN[("lstm", dtype)] = task(lib, f"lstm_forward_task_{suf}")
-                _FN[("gru", dtype)] = task(lib, f"gru_forward_task_{suf}")
-                _FN[("gru_adjoint", dtype)] = task(lib, f"gru_adjoint_task_{suf}")
-                _FN[("lstm_adjoint", dtype)] = task(lib, f"lstm_adjoint_task_{suf}")
-            _state["ok"] = True
-    return _state["ok"]
+    """Whether the compiled kernels are loaded and PyTorch's CPU library exports the BLAS
+    gemm their time loops call."""
+    ops = native.ops()
+    return ops is not None and bool(ops.has_blas())
 
 
 def enabled() -> bool:
@@ -233,6 +76,10 @@ def supports(*tensors: torch.Tensor) -> bool:
     if any(t.numel() >= 2**31 for t in tensors):
         return False
     return available()
+
+
+def _c(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _input_projection(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -273,12 +120,10 @@ def lstm_forward(
     T, B = x.shape[:2]
     H = w_hh.shape[1]
     buf = _input_projection(x, w_ih, bias)
-    pre = buf[:T].view(T * B, 4 * H)
     y = x.new_empty((T, B, H))
     c, tanh_c, gain = (workspace.empty((T, B, H), x) for _ in range(3))
     w_hh, h0, c0 = w_hh.contiguous(), h0.contiguous(), c0.contiguous()
-    args = [_gemm[x.dtype], T, B, H, addr(pre), addr(w_hh), addr(h0), addr(c0), addr(y), addr(c), addr(tanh_c), addr(gain)]
-    run_parallel(_FN[("lstm", x.dtype)], args, B, T * B * 4 * H, openmp_only=True)
+    native.ops().lstm_forward_(buf[:T], w_hh, h0, c0, y, c, tanh_c, gain)
     return buf, y, c, tanh_c, gain
 
 
@@ -294,12 +139,10 @@ def gru_forward(
     T, B = x.shape[:2]
     H = w_hh.shape[1]
     buf = _input_projection(x, w_ih, b_ih)
-    gi = buf[:T].view(T * B, 3 * H)
     gh, y = workspace.empty((T, B, 3 * H), x), x.new_empty((T, B, H))
     w_hh, h0 = w_hh.contiguous(), h0.contiguous()
     b_hh = None if b_hh is None else b_hh.contiguous()
-    args = [_gemm[x.dtype], T, B, H, addr(gi), addr(gh), addr(w_hh), addr(b_hh), addr(h0), addr(y)]
-    run_parallel(_FN[("gru", x.dtype)], args, B, T * B * 3 * H, openmp_only=True)
+    native.ops().gru_forward_(buf[:T], gh, w_hh, b_hh, h0, y)
     return buf, gh, y
 
 
@@ -321,9 +164,7 @@ def lstm_adjoint(
     wh, dc = workspace.empty((T, B, H), lh), workspace.empty((T, B, H), lh)
     dpre = workspace.empty((T, B, H4), lh)
     w_hh_t = w_hh.t().contiguous()
-    args = [_gemm[lh.dtype], T, B, H, addr(gates), addr(c), addr(c0), addr(tanh_c), addr(gain), addr(w_hh_t),
-            addr(lh), addr(lc), addr(wh), addr(dc), addr(dpre)]
-    run_parallel(_FN[("lstm_adjoint", lh.dtype)], args, B, T * B * H4, openmp_only=True)
+    native.ops().lstm_adjoint_out(_c(gates), _c(c), _c(c0), _c(tanh_c), _c(gain), w_hh_t, lh, lc, wh, dc, dpre)
     return dc, wh, dpre
 
 
@@ -343,7 +184,5 @@ def gru_adjoint(
     w = workspace.empty((T, B, H), lh)
     dgi, dgh = workspace.empty((T, B, H3), lh), workspace.empty((T, B, H3), lh)
     w_hh_t = w_hh.t().contiguous()
-    args = [_gemm[lh.dtype], T, B, H, addr(gates), addr(gh), addr(w_hh_t), addr(h0), addr(y), addr(lh),
-            addr(w), addr(dgi), addr(dgh)]
-    run_parallel(_FN[("gru_adjoint", lh.dtype)], args, B, T * B * H3, openmp_only=True)
+    native.ops().gru_adjoint_out(_c(gates), _c(gh), w_hh_t, _c(h0), _c(y), lh, w, dgi, dgh)
     return w, dgi, dgh

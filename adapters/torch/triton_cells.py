@@ -85,7 +85,7 @@ def available() -> bool:
     is a GPU for it (or its interpreter was chosen with ``TRITON_INTERPRET=1``)."""
     if not _HAVE_TRITON:
         return False
-    from hwbptt.kernels.cbuild import kernels_enabled
+    from .native import kernels_enabled
 
     return kernels_enabled() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 

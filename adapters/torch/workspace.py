@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from hwbptt.kernels.cbuild import switch
+from .dispatch import switch
 
 __all__ = ["empty", "clear", "use", "pooled_bytes", "pools"]
 

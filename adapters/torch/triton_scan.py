@@ -3,10 +3,10 @@
 One program per block of ``BLOCK`` lanes walks the time axis sequentially (forward or
 reverse), keeping the running value in registers: ``a`` and ``b`` are read once and ``u``
 written once, with lanes spread over the GPU's programs. Reference twin:
-``hwbptt.scan.linear_scan_reference`` (``tests/test_triton.py`` runs this kernel on CPU
+``hwbptt.torch.scan.linear_scan_reference`` (``tests/test_triton.py`` runs this kernel on CPU
 tensors under ``TRITON_INTERPRET=1`` against it).
 
-Layout as in ``hwbptt.kernels.cpu_scan``: (T, M, K) with stride 1 on K and any strides
+Layout as in ``hwbptt.torch.cpu_scan``: (T, M, K) with stride 1 on K and any strides
 on dims 0 and 1 for ``a`` and ``b``; ``u`` contiguous.
 """
 
@@ -30,7 +30,7 @@ except Exception:  # pragma: no cover - depends on the installation
 def available() -> bool:
     if not _HAVE_TRITON:
         return False
-    from .cbuild import kernels_enabled
+    from .native import kernels_enabled
 
     return kernels_enabled() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 

@@ -1,0 +1,108 @@
+"""Which implementation runs: decided here, once per layer call, and read by the layers,
+the benchmark's header and ``kernels_status()``.
+
+A ``Plan`` names, for one layer call (cell, device, dtype, mode), the forward and the
+backward that run and the kernels beneath them. The rules, in order:
+
+- ``backward="parent"``: nothing needs a gradient, an empty input, or exact mode where
+  the fast exact path does not take the tensors (CUDA, ``proj_size``, float16/bfloat16,
+  CPU autocast, kernels not built, ``torch.jit.trace``): the parent's forward and autograd.
+- ``backward="exact-adjoint"``: exact mode on the CPU with the compiled kernels
+  (float32/float64, no ``proj_size``): BPTT's adjoint as one compiled time loop on the
+  gates the forward kept.
+- ``backward="highway"``: Highway-BP, with ``forward="reserve"`` (a compiled forward
+  that keeps the gates) where the kernels take the tensors, else ``forward="fused"``
+  (the framework's fused kernel, the gates rebuilt in the backward).
+- ``kernels``: ``"compiled C++ (LEVEL)"`` on the CPU with the build loaded, ``"triton"``
+  for CUDA tensors when Triton runs, else ``"eager torch"``.
+
+Every path computes the gradient its mode promises (exact, or Highway-BP's estimate):
+the choice changes speed, never the algorithm. The on/off switches of the fast paths
+(for comparisons in tests and the benchmark) are the ``switch`` context managers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+__all__ = ["Plan", "plan", "switch", "kernels_status"]
+
+
+@contextlib.contextmanager
+def switch(state: dict, on: bool, what: str) -> Iterator[None]:
+    """Set ``state["enabled"]`` to ``on`` within a block and restore it after: the
+    on/off switches of the fast paths (for comparisons). ``what`` names the caller in the
+    error for a non-bool ``on``."""
+    if not isinstance(on, bool):
+        raise TypeError(f"{what}(on) takes a bool, got on={on!r}")
+    before = state["enabled"]
+    state["enabled"] = on
+    try:
+        yield
+    finally:
+        state["enabled"] = before
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What runs for one layer call (module docstring)."""
+
+    cell: str  # "lstm" | "gru"
+    device: str
+    dtype: torch.dtype
+    forward: str  # "reserve" | "fused" | "parent"
+    backward: str  # "highway" | "exact-adjoint" | "parent"
+    kernels: str  # "compiled C++ (AVX512)" | "triton" | "eager torch"
+
+
+def _kernels(device: torch.device) -> str:
+    from . import fused, native
+
+    if device.type == "cpu":
+        st = native.status()
+        return f"compiled C++ ({st['build'].upper()})" if st["build"] != "none" else "eager torch"
+    if device.type == "cuda" and fused._triton_cells() is not None:
+        return "triton"
+    return "eager torch"
+
+
+def plan(cell: str, tensors: tuple[torch.Tensor, ...], *, exact: bool, has_proj: bool, wants_grad: bool) -> Plan:
+    """The plan for a layer call whose input and weights are ``tensors`` (input first)."""
+    from . import reserve
+
+    x = tensors[0]
+    kernels = _kernels(x.device)
+    if not wants_grad or x.numel() == 0:
+        return Plan(cell, x.device.type, x.dtype, "parent", "parent", kernels)
+    with torch.no_grad():  # the kernels' own test declines tensors that want a graph
+        keeps_gates = not has_proj and reserve.supports(*tensors)
+    if exact:
+        if keeps_gates and not torch.jit.is_tracing():
+            return Plan(cell, x.device.type, x.dtype, "reserve", "exact-adjoint", kernels)
+        return Plan(cell, x.device.type, x.dtype, "parent", "parent", kernels)
+    return Plan(cell, x.device.type, x.dtype, "reserve" if keeps_gates else "fused", "highway", kernels)
+
+
+def kernels_status() -> dict[str, str]:
+    """What runs on this machine: the compiled kernels' build (or why none), the scan,
+    the gate kernels, the forwards that keep the gates, the large products and the CUDA
+    kernels. Printed by ``python -m hwbptt bench``."""
+    from . import fused, gemm, native, reserve
+
+    st = native.status()
+    out = {"kernels": st["kernels"]}
+    if st["why"]:
+        out["why"] = st["why"]
+    out["threads"] = f"PyTorch's intra-op pool ({torch.get_num_threads()} threads)"
+    out["scan (CPU)"] = "compiled" if fused.available() else "odd-even reduction in torch"
+    out["gate kernels (CPU)"] = "compiled" if fused.available() else "eager torch"
+    out["forward keeping the gates, exact adjoint (CPU)"] = (
+        "compiled" if reserve.available() else "unavailable: fused forward and recompute")
+    out["large products"] = gemm.status()
+    cells = fused._triton_cells() if torch.cuda.is_available() else None
+    out["CUDA kernels"] = "triton" if cells is not None else ("eager torch" if torch.cuda.is_available() else "no CUDA device")
+    return out
