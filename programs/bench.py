@@ -84,7 +84,9 @@ def _ks(text: str) -> list[int | None]:
     return out
 
 
-SUITES = ("lstm", "gru", "packed", "cell", "lstmcell", "keras-tf", "keras-torch")
+SUITES = ("lstm", "gru", "packed", "cell", "lstmcell", "keras-tf", "keras-torch", "grid")
+# ``grid`` (programs/bench_grid.py: exact and k=1 over the shapes users train at) runs only when named.
+DEFAULT_SUITES = [s for s in SUITES if s != "grid"]
 
 
 def _suites(text: str) -> list[str]:
@@ -104,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--B", type=_ints, default=None, help="batch sizes (default 32)")
     p.add_argument("--H", type=_ints, default=None, help="hidden sizes (default 128)")
     p.add_argument("--k", type=_ks, default=None, help="iterations, integers or 'exact' (default 0,1,3,10,exact; quick 0,1,3,exact)")
-    p.add_argument("--suites", type=_suites, default=list(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
+    p.add_argument("--suites", type=_suites, default=list(DEFAULT_SUITES),
+                   help=f"comma-separated subset of {','.join(SUITES)} (default: all but grid)")
+    p.add_argument("--grid-shapes", default=None, help="the grid suite's shapes, TxBxH,... (default: programs/bench_grid.GRID)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (default 1)")
     p.add_argument("--ops-T", type=_ints, default=[256, 4096], help="the two sequence lengths of the operator count (default 256,4096)")
@@ -717,9 +721,19 @@ def main(argv: list[str] | None = None) -> int:
     args._memory_jobs = []
     args._forward_choice = []
     kernel_status = kernels_status()
+    if "grid" in args.suites:
+        from .bench_grid import main_grid
+
+        print(f"hwbptt bench grid: torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
+        print("kernels_status(): " + "; ".join(f"{k}: {v}" for k, v in kernel_status.items()))
+        with tqdm(desc="grid", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
+            main_grid(args, bar)
+        args.suites = [s for s in args.suites if s != "grid"]
+        if not args.suites:
+            return 0
     print(f"hwbptt bench: torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
           f"repeats {repeats} (interleaved medians after {args.warmup} warm-up)")
-    print("kernels: " + "; ".join(f"{k}: {v}" for k, v in kernel_status.items()))
+    print("kernels_status(): " + "; ".join(f"{k}: {v}" for k, v in kernel_status.items()))
     print("LSTM/GRU forward: " + ("keeps the gates (hwbptt.torch.reserve: compiled time loop + PyTorch's BLAS)" if _keeps_gates()
           else "the fused kernel; the backward rebuilds the gates (reserve path unavailable)"))
     print("tape GEMMs: " + gemm.status())

@@ -38,3 +38,35 @@ def test_bench_rejects_bad_flags(capsys):
         bench.main(["--k", "x"])
     with pytest.raises(SystemExit):
         bench.main(["--suites", "nope"])
+
+
+def test_bench_grid_suite_prints_ratios_and_verdicts(tmp_path, capsys):
+    """``--suites grid`` on a tiny grid: one row per model, depth and shape, positive ratios,
+    a verdict line per target computed from those ratios, JSON and PNG written."""
+    rc = bench.main(["--suites", "grid", "--grid-shapes", "6x2x4,5x3x8", "--repeats", "1", "--warmup", "0",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "grid.json").read_text())
+    rows = data["rows"]
+    assert {(r["model"], r["layers"], r["T"], r["B"], r["H"]) for r in rows} == {
+        (m, L, T, B, H) for m in ("lstm", "gru") for L in (1, 2) for T, B, H in ((6, 2, 4), (5, 3, 8))}
+    for r in rows:
+        assert r["exact"] > 0 and r["k1"] > 0
+        assert abs(r["exact"] - r["parent_ms"] / r["exact_ms"]) < 1e-9
+    worst_exact = min(r["exact"] for r in rows)
+    line = next(v for v in data["verdicts"] if "exact mode never slower" in v)
+    assert line.startswith("MET" if worst_exact >= 1.0 else "MISSED") and f"{worst_exact:.2f}x" in line
+    assert all(v in out for v in data["verdicts"])
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_bench_grid_shapes_are_checked():
+    import pytest
+
+    from hwbptt.programs.bench_grid import GRID, MEDIAN, parse_shapes
+
+    assert parse_shapes("128x8x64,512x32x256") == [(128, 8, 64), (512, 32, 256)]
+    with pytest.raises(ValueError, match="'12x3'"):
+        parse_shapes("12x3")
+    assert MEDIAN in GRID and all(T * B * H <= 2**24 for T, B, H in GRID)

@@ -243,3 +243,39 @@ def test_training_step_leaves_the_floating_point_environment_alone():
     out = subprocess.run([sys.executable, "-c", _FP_ENV], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "subnormals survive" in out.stdout
+
+
+@pytest.mark.parametrize("H", [17, 64])
+@pytest.mark.parametrize("iterations", [None, 2])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_layers_finite_where_the_parent_is_finite_at_vector_widths(kind, iterations, H):
+    """float32 layers at widths with a vector body, pre-activations far below -88.7 (inputs
+    of 1e4 through saturating weights, an Inf-free but huge step): outputs and gradients
+    are finite wherever nn.LSTM/nn.GRU's are, and the outputs equal the parent's."""
+    from torch import nn
+
+    from hwbptt.torch import HighwayGRU, HighwayLSTM
+
+    parent_cls, cls = (nn.LSTM, HighwayLSTM) if kind == "lstm" else (nn.GRU, HighwayGRU)
+    torch.manual_seed(H)
+    ours = cls(5, H, iterations=iterations)
+    ref = parent_cls(5, H)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(12, 3, 5)
+    x[4] = 1e4  # every gate pre-activation saturates far past float32's exp range
+    x[7] = -1e4
+    grads = []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        y, _ = m(xi)
+        y.pow(2).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+        if m is ours:
+            y_ours = y.detach()
+        else:
+            y_ref = y.detach()
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(y_ours).all()
+    for g_ours, g_ref in zip(*grads):
+        assert torch.isfinite(g_ref).all()
+        assert torch.isfinite(g_ours).all()

@@ -1,0 +1,170 @@
+"""``python -m hwbptt bench --suites grid``: exact mode and k=1 against the parents over the
+shapes a user trains at, from one run.
+
+For LSTM and GRU, one and two layers, and each (T, B, H) of the grid, one process times
+``nn.LSTM``/``nn.GRU`` BPTT, ``iterations=None`` (exact) and ``iterations=1``, interleaved
+(parent, exact, k=1, parent, ...), as the median full training step (forward + backward)
+after warm-up, and prints each ratio (parent time / ours: > 1 is faster). The targets
+(issue "Kernels you can trust"): exact and k=1 never slower than the parent anywhere on the
+grid, and the LSTM's exact mode at least 1.2x at the median shape. Their verdicts are
+printed from the measured ratios, met or missed.
+
+The grid: T in {128, 512, 2048}, B in {8, 64}, H in {64, 512}, without the one corner
+T·B·H > 2^24 (its single step takes minutes on a 2-core machine), plus the median shape
+T=512, B=32, H=256. ``--grid-shapes TxBxH,...`` replaces it (the tests use a tiny one).
+Writes ``grid.json`` and ``grid.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["GRID", "MEDIAN", "parse_shapes", "run_grid", "format_grid", "verdicts"]
+
+MEDIAN = (512, 32, 256)
+GRID = [(T, B, H) for T in (128, 512, 2048) for B in (8, 64) for H in (64, 512) if T * B * H <= 2**24] + [MEDIAN]
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """``"128x8x64,512x32x256"`` -> ``[(128, 8, 64), (512, 32, 256)]``."""
+    shapes = []
+    for part in text.split(","):
+        try:
+            T, B, H = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--grid-shapes: {part!r} is not TxBxH (e.g. 512x32x256)") from None
+        if min(T, B, H) < 1:
+            raise ValueError(f"--grid-shapes: {part!r} has a size below 1")
+        shapes.append((T, B, H))
+    return shapes
+
+
+def _step(model: nn.Module, x: torch.Tensor, w: torch.Tensor):
+    params = list(model.parameters())
+
+    def run() -> tuple[float, float]:
+        import time
+
+        for p in params:
+            p.grad = None
+        t0 = time.perf_counter()
+        y, _ = model(x)
+        loss = (y * w).sum()
+        t1 = time.perf_counter()
+        loss.backward()
+        return t1 - t0, time.perf_counter() - t1
+
+    return run
+
+
+def run_config(kind: str, layers: int, T: int, B: int, H: int, warmup: int, repeats: int, seed: int, bar: Any = None) -> dict:
+    """One grid point: the parent, exact mode and k=1, interleaved; ratios of medians."""
+    from hwbptt.programs.bench import interleaved
+    from hwbptt.torch import HighwayGRU, HighwayLSTM
+
+    torch.manual_seed(seed)
+    parent_cls, cls = (nn.LSTM, HighwayLSTM) if kind == "lstm" else (nn.GRU, HighwayGRU)
+    parent = parent_cls(H, H, num_layers=layers)
+    ours = {}
+    for name, k in (("exact", None), ("k=1", 1)):
+        m = cls(H, H, num_layers=layers, iterations=k)
+        m.load_state_dict(parent.state_dict())
+        ours[name] = m
+    x, w = torch.randn(T, B, H), torch.randn(T, B, H)
+    runs = {"parent": _step(parent, x, w), **{n: _step(m, x, w) for n, m in ours.items()}}
+    times = interleaved(runs, warmup, repeats, bar)
+    base = times["parent"]["step"]
+    return {"model": kind, "layers": layers, "T": T, "B": B, "H": H, "repeats": repeats,
+            "parent_ms": base * 1e3, "exact_ms": times["exact"]["step"] * 1e3, "k1_ms": times["k=1"]["step"] * 1e3,
+            "exact": base / times["exact"]["step"], "k1": base / times["k=1"]["step"]}
+
+
+def run_grid(shapes: list[tuple[int, int, int]], warmup: int, repeats: int, seed: int, bar: Any = None) -> list[dict]:
+    rows = []
+    for T, B, H in shapes:
+        for kind in ("lstm", "gru"):
+            for layers in (1, 2):
+                if bar is not None:
+                    bar.set_postfix_str(f"grid {kind} L={layers} T={T} B={B} H={H}")
+                rows.append(run_config(kind, layers, T, B, H, warmup, repeats, seed, bar))
+    return rows
+
+
+def verdicts(rows: list[dict], median: tuple[int, int, int] = MEDIAN) -> list[str]:
+    """One line per target, from the measured ratios."""
+    out = []
+    for key, name in (("exact", "exact mode"), ("k1", "k=1")):
+        worst = min(rows, key=lambda r: r[key])
+        ok = worst[key] >= 1.0
+        out.append(f"{'MET' if ok else 'MISSED'}: {name} never slower than the parent on the grid "
+                   f"(lowest {worst[key]:.2f}x at {worst['model']} L={worst['layers']} T={worst['T']} "
+                   f"B={worst['B']} H={worst['H']}; median over the grid {statistics.median(r[key] for r in rows):.2f}x)")
+    at_median = [r for r in rows if r["model"] == "lstm" and (r["T"], r["B"], r["H"]) == median]
+    if at_median:
+        low = min(r["exact"] for r in at_median)
+        each = ", ".join(f"L={r['layers']}: {r['exact']:.2f}x" for r in at_median)
+        out.append(f"{'MET' if low >= 1.2 else 'MISSED'}: LSTM exact mode >= 1.2x at the median shape "
+                   f"T={median[0]} B={median[1]} H={median[2]} ({each})")
+    return out
+
+
+def format_grid(rows: list[dict]) -> str:
+    head = f"{'model':<5} {'L':>1} {'T':>5} {'B':>3} {'H':>4} {'parent ms':>10} {'exact':>7} {'k=1':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<5} {r['layers']:>1} {r['T']:>5} {r['B']:>3} {r['H']:>4} {r['parent_ms']:>10.2f} "
+                     f"{r['exact']:>6.2f}x {r['k1']:>6.2f}x")
+    return "\n".join(lines)
+
+
+def plot_grid(rows: list[dict], path: str) -> bool:
+    """Ratios per grid point (one panel per model and depth); ``False`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = sorted({(r["model"], r["layers"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, (model, layers) in zip(axes[0], panels):
+        sub = [r for r in rows if (r["model"], r["layers"]) == (model, layers)]
+        pos = range(len(sub))
+        ax.bar([p - 0.2 for p in pos], [r["exact"] for r in sub], 0.4, label="exact")
+        ax.bar([p + 0.2 for p in pos], [r["k1"] for r in sub], 0.4, label="k=1")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(list(pos), [f"{r['T']}/{r['B']}/{r['H']}" for r in sub], rotation=70, fontsize=7)
+        ax.set_title(f"{model.upper()}, {layers} layer{'s' if layers > 1 else ''}")
+        ax.set_xlabel("T/B/H")
+    axes[0][0].set_ylabel("speed-up over the parent (training step)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main_grid(args: Any, bar: Any) -> list[dict]:
+    """The ``grid`` suite of ``python -m hwbptt bench``: run, print, write."""
+    shapes = parse_shapes(args.grid_shapes) if args.grid_shapes else GRID
+    repeats = args.repeats or (3 if args.quick else 5)
+    rows = run_grid(shapes, args.warmup, repeats, args.seed, bar)
+    print("\ngrid: full training step, parent BPTT time / ours (> 1: faster), one run, interleaved medians "
+          f"of {repeats} after {args.warmup} warm-up")
+    print(format_grid(rows))
+    for line in verdicts(rows):
+        print(line)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "grid.json"), "w") as f:
+        json.dump({"rows": rows, "verdicts": verdicts(rows), "torch": torch.__version__,
+                   "threads": torch.get_num_threads()}, f, indent=1)
+    if not plot_grid(rows, os.path.join(args.out, "grid.png")):
+        print("grid: matplotlib is not installed, no grid.png")
+    return rows
