@@ -83,9 +83,11 @@ def linear_t(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None)
 
 # Rows per chunk of ``tn``: its transposed operands (G·chunk and K·chunk floats) stay in cache.
 _TN_CHUNK = 2048
-# Narrower products stay on torch.mm: measured on the 2-core machine, at K = 128 the
-# transposes cost what the faster GEMM saves; at K = 256 the chunked path takes 30% less.
-_TN_MIN_K = 256
+# Narrower products stay on torch.mm. Measured on two 2-core machines: on one, at K = 128
+# the transposes cost what the faster GEMM saves (30% less time at K = 256); on another
+# (MKL's transposed product there at about half oneDNN's rate) the chunked path took 7-29%
+# less at K = 128 and 42-92% less at K >= 256 (one thread, docs/performance.md).
+_TN_MIN_K = 128
 
 
 def _transpose():

@@ -78,21 +78,49 @@ def supports(*tensors: torch.Tensor) -> bool:
     return available()
 
 
+# glibc serves allocations up to its largest mmap threshold (32 MiB) from reused memory.
+_FRESH_BYTES = 32 << 20
+
+
 def _c(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
+
+
+def step_product(mode: str):
+    """Context manager: the time loops' per-step product on ``"blas"`` (PyTorch's BLAS),
+    ``"own"`` (the compiled register-blocked kernel) or ``"auto"`` (by size, the default);
+    for comparisons in tests and the benchmark."""
+    codes = {"auto": 0, "blas": 1, "own": 2}
+    if mode not in codes:
+        raise ValueError(f"step_product(mode): mode must be one of {sorted(codes)}, got mode={mode!r}")
+    return _StepProduct(codes[mode])
+
+
+class _StepProduct:
+    def __init__(self, code: int) -> None:
+        self.code, self.before = code, None
+
+    def __enter__(self) -> None:
+        self.before = int(native.ops().step_gemm_mode(self.code))
+
+    def __exit__(self, *exc) -> None:
+        native.ops().step_gemm_mode(self.before)
 
 
 def _input_projection(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``W_ih x_t + bias`` for every step, in a (T+1, B, G) buffer whose row ``T`` is zero.
 
-    ``torch.addmm`` into the buffer where it comes from the workspace (memory already touched:
-    measured 28 ms against oneDNN's 43 ms into a fresh 64 MB tensor for (32800, 128) @
-    (128, 512) on 2 cores); else ``gemm.linear_t`` (oneDNN where it runs) on ``x`` padded with
-    one step, since that GEMM cannot write into a given buffer and copying ``x`` is cheaper
-    than copying the G-wide result."""
+    ``gemm.linear_t`` (oneDNN where it runs) on ``x`` padded with one step (that GEMM cannot
+    write into a given buffer, and copying ``x`` is cheaper than copying the G-wide result),
+    except for a narrow input (``I < 256``) into a buffer of over 32 MiB: there ``torch.addmm``
+    into the workspace buffer, whose memory is already touched, measured faster (28 ms
+    against oneDNN's 43 ms into a fresh 64 MB tensor for (32800, 128) @ (128, 512) on 2
+    cores). Smaller fresh tensors come from the allocator's free lists without page faults,
+    and there oneDNN measured 1.3-2x MKL's addmm (docs/performance.md)."""
     T, B, I = x.shape
     G = w_ih.shape[0]
-    if T * B > 0 and not workspace.pools((T + 1, B, G), x) and gemm.backend(x[0], w_ih) == "onednn":
+    big = (T + 1) * B * G * x.element_size() > _FRESH_BYTES and I < 256
+    if T * B > 0 and not (big and workspace.pools((T + 1, B, G), x)) and gemm.backend(x[0], w_ih) == "onednn":
         x_pad = workspace.empty((T + 1, B, I), x)
         x_pad[:T].copy_(x)
         x_pad[T].zero_()
@@ -123,7 +151,7 @@ def lstm_forward(
     y = x.new_empty((T, B, H))
     c, tanh_c, gain = (workspace.empty((T, B, H), x) for _ in range(3))
     w_hh, h0, c0 = w_hh.contiguous(), h0.contiguous(), c0.contiguous()
-    native.ops().lstm_forward_(buf[:T], w_hh, h0, c0, y, c, tanh_c, gain)
+    native.ops().lstm_forward_(buf[:T], w_hh, w_hh.t().contiguous(), h0, c0, y, c, tanh_c, gain)
     return buf, y, c, tanh_c, gain
 
 
@@ -142,7 +170,7 @@ def gru_forward(
     gh, y = workspace.empty((T, B, 3 * H), x), x.new_empty((T, B, H))
     w_hh, h0 = w_hh.contiguous(), h0.contiguous()
     b_hh = None if b_hh is None else b_hh.contiguous()
-    native.ops().gru_forward_(buf[:T], gh, w_hh, b_hh, h0, y)
+    native.ops().gru_forward_(buf[:T], gh, w_hh, w_hh.t().contiguous(), b_hh, h0, y)
     return buf, gh, y
 
 
@@ -164,7 +192,7 @@ def lstm_adjoint(
     wh, dc = workspace.empty((T, B, H), lh), workspace.empty((T, B, H), lh)
     dpre = workspace.empty((T, B, H4), lh)
     w_hh_t = w_hh.t().contiguous()
-    native.ops().lstm_adjoint_out(_c(gates), _c(c), _c(c0), _c(tanh_c), _c(gain), w_hh_t, lh, lc, wh, dc, dpre)
+    native.ops().lstm_adjoint_out(_c(gates), _c(c), _c(c0), _c(tanh_c), _c(gain), _c(w_hh), w_hh_t, lh, lc, wh, dc, dpre)
     return dc, wh, dpre
 
 
@@ -184,5 +212,5 @@ def gru_adjoint(
     w = workspace.empty((T, B, H), lh)
     dgi, dgh = workspace.empty((T, B, H3), lh), workspace.empty((T, B, H3), lh)
     w_hh_t = w_hh.t().contiguous()
-    native.ops().gru_adjoint_out(_c(gates), _c(gh), w_hh_t, _c(h0), _c(y), lh, w, dgi, dgh)
+    native.ops().gru_adjoint_out(_c(gates), _c(gh), _c(w_hh), w_hh_t, _c(h0), _c(y), lh, w, dgi, dgh)
     return w, dgi, dgh

@@ -83,11 +83,11 @@ void transpose_cols(int64_t N, int64_t lo, int64_t hi, const float* src, int64_t
 
 // pre_t += W_hh h_{t-1}; gates in place; c_t = f c_{t-1} + i g; y_t = o tanh(c_t).
 template <typename T>
-void lstm_forward_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi, T* pre, const T* w_hh, const T* h0,
-                       const T* c0, T* y, T* c, T* tc, T* gain) {
+void lstm_forward_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi, T* pre, const T* w_hh, const T* w_hh_t,
+                       const T* h0, const T* c0, T* y, T* c, T* tc, T* gain) {
   for (int64_t t = 0; t < Tn; ++t) {
     T* p = pre + t * B * 4 * H;
-    step_gemm(hi - lo, 4 * H, H, w_hh, (t ? y + (t - 1) * B * H : h0) + lo * H, p + lo * 4 * H);
+    step_gemm(hi - lo, 4 * H, H, w_hh, w_hh_t, (t ? y + (t - 1) * B * H : h0) + lo * H, p + lo * 4 * H);
     for (int64_t b = lo; b < hi; ++b) {
       T* q = p + b * 4 * H;
       const int64_t r = (t * B + b) * H;
@@ -100,14 +100,14 @@ void lstm_forward_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi,
 // gh_t = W_hh h_{t-1} + b_hh; r, z, n in place in gi; h_t = (1 - z) n + z h_{t-1}.
 template <typename T>
 void gru_forward_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi, T* gi, T* gh, const T* w_hh,
-                      const T* b_hh, const T* h0, T* y) {
+                      const T* w_hh_t, const T* b_hh, const T* h0, T* y) {
   for (int64_t t = 0; t < Tn; ++t) {
     T* a = gi + t * B * 3 * H;
     T* g = gh + t * B * 3 * H;
     for (int64_t b = lo; b < hi; ++b)
       for (int64_t j = 0; j < 3 * H; ++j) g[b * 3 * H + j] = b_hh ? b_hh[j] : T(0);
     const T* hp = t ? y + (t - 1) * B * H : h0;
-    step_gemm(hi - lo, 3 * H, H, w_hh, hp + lo * H, g + lo * 3 * H);
+    step_gemm(hi - lo, 3 * H, H, w_hh, w_hh_t, hp + lo * H, g + lo * 3 * H);
     for (int64_t b = lo; b < hi; ++b) {
       T* q = a + b * 3 * H;
       const T* e = g + b * 3 * H;
@@ -123,7 +123,7 @@ void gru_forward_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi, 
 // w_t z_t; (dgi_t, dgh_t) for w_t written as it goes. w_hh_t is W_hh^T (H x 3H).
 template <typename T>
 void gru_adjoint_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi, const T* gates, const T* gh,
-                      const T* w_hh_t, const T* h0, const T* y, const T* lh, T* w, T* dgi, T* dgh) {
+                      const T* w_hh, const T* w_hh_t, const T* h0, const T* y, const T* lh, T* w, T* dgi, T* dgh) {
   for (int64_t t = Tn - 1; t >= 0; --t) {
     T* wt = w + t * B * H;
     const T* lt = lh + t * B * H;
@@ -141,7 +141,7 @@ void gru_adjoint_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi, 
     T* wp = w + (t - 1) * B * H;
     for (int64_t b = lo; b < hi; ++b)
       for (int64_t h = 0; h < H; ++h) wp[b * H + h] = wt[b * H + h] * gates[(t * B + b) * 3 * H + H + h];
-    step_gemm(hi - lo, H, 3 * H, w_hh_t, dgh + (t * B + lo) * 3 * H, wp + lo * H);
+    step_gemm(hi - lo, H, 3 * H, w_hh_t, w_hh, dgh + (t * B + lo) * 3 * H, wp + lo * H);
   }
 }
 
@@ -149,7 +149,7 @@ void gru_adjoint_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi, 
 // dc_t = lc_t + wh_t gain_t + f_{t+1} dc_{t+1}, dpre_t = lstm_dpre(dc_t, wh_t).
 template <typename T>
 void lstm_adjoint_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi, const T* gates, const T* c,
-                       const T* c0, const T* tc, const T* gain, const T* w_hh_t, const T* lh, const T* lc, T* wh,
+                       const T* c0, const T* tc, const T* gain, const T* w_hh, const T* w_hh_t, const T* lh, const T* lc, T* wh,
                        T* dc, T* dpre) {
   for (int64_t r = lo * H; r < hi * H; ++r) wh[(Tn - 1) * B * H + r] = lh[(Tn - 1) * B * H + r];
   for (int64_t t = Tn - 1; t >= 0; --t) {
@@ -169,7 +169,7 @@ void lstm_adjoint_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi,
     T* wp = wh + (t - 1) * B * H;
     const T* lp = lh + (t - 1) * B * H;
     for (int64_t r = lo * H; r < hi * H; ++r) wp[r] = lp[r];
-    step_gemm(hi - lo, H, 4 * H, w_hh_t, dpre + (t * B + lo) * 4 * H, wp + lo * H);
+    step_gemm(hi - lo, H, 4 * H, w_hh_t, w_hh, dpre + (t * B + lo) * 4 * H, wp + lo * H);
   }
 }
 
@@ -221,34 +221,36 @@ void transpose_out(const Tensor& src, Tensor dst) {
   });
 }
 
-void lstm_forward_(Tensor pre, const Tensor& w_hh, const Tensor& h0, const Tensor& c0, Tensor y, Tensor c,
-                   Tensor tanh_c, Tensor gain) {
+void lstm_forward_(Tensor pre, const Tensor& w_hh, const Tensor& w_hh_t, const Tensor& h0, const Tensor& c0, Tensor y,
+                   Tensor c, Tensor tanh_c, Tensor gain) {
   check(pre.dim() == 3 && pre.size(2) % 4 == 0, "lstm_forward_", "pre must be (T, B, 4H)");
   const int64_t Tn = pre.size(0), B = pre.size(1), H = pre.size(2) / 4;
   check_contiguous(pre, pre, pre.numel(), "lstm_forward_", "pre");
   check(pre.scalar_type() == at::kFloat || pre.scalar_type() == at::kDouble, "lstm_forward_", "pre must be float32/64");
   check_contiguous(w_hh, pre, 4 * H * H, "lstm_forward_", "w_hh");
+  check_contiguous(w_hh_t, pre, 4 * H * H, "lstm_forward_", "w_hh_t");
   check_contiguous(h0, pre, B * H, "lstm_forward_", "h0");
   check_contiguous(c0, pre, B * H, "lstm_forward_", "c0");
   for (const Tensor* t : Refs{&y, &c, &tanh_c, &gain}) check_contiguous(*t, pre, Tn * B * H, "lstm_forward_", "y/c/tanh_c/gain");
   if (Tn == 0 || B == 0) return;
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "lstm_forward_", [&] {
     at::parallel_for(0, B, batch_grain(Tn, B, 4 * H), [&](int64_t lo, int64_t hi) {
-      lstm_forward_rows<scalar_t>(Tn, B, H, lo, hi, pre.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+      lstm_forward_rows<scalar_t>(Tn, B, H, lo, hi, pre.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(),
                                   h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
                                   c.data_ptr<scalar_t>(), tanh_c.data_ptr<scalar_t>(), gain.data_ptr<scalar_t>());
     });
   });
 }
 
-void gru_forward_(Tensor gi, Tensor gh, const Tensor& w_hh, const std::optional<Tensor>& b_hh, const Tensor& h0,
-                  Tensor y) {
+void gru_forward_(Tensor gi, Tensor gh, const Tensor& w_hh, const Tensor& w_hh_t, const std::optional<Tensor>& b_hh,
+                  const Tensor& h0, Tensor y) {
   check(gi.dim() == 3 && gi.size(2) % 3 == 0, "gru_forward_", "gi must be (T, B, 3H)");
   const int64_t Tn = gi.size(0), B = gi.size(1), H = gi.size(2) / 3;
   check(gi.scalar_type() == at::kFloat || gi.scalar_type() == at::kDouble, "gru_forward_", "gi must be float32/64");
   check_contiguous(gi, gi, gi.numel(), "gru_forward_", "gi");
   check_contiguous(gh, gi, gi.numel(), "gru_forward_", "gh");
   check_contiguous(w_hh, gi, 3 * H * H, "gru_forward_", "w_hh");
+  check_contiguous(w_hh_t, gi, 3 * H * H, "gru_forward_", "w_hh_t");
   if (b_hh) check_contiguous(*b_hh, gi, 3 * H, "gru_forward_", "b_hh");
   check_contiguous(h0, gi, B * H, "gru_forward_", "h0");
   check_contiguous(y, gi, Tn * B * H, "gru_forward_", "y");
@@ -257,13 +259,15 @@ void gru_forward_(Tensor gi, Tensor gh, const Tensor& w_hh, const std::optional<
     const scalar_t* pb = ptr_or_null<scalar_t>(b_hh);
     at::parallel_for(0, B, batch_grain(Tn, B, 3 * H), [&](int64_t lo, int64_t hi) {
       gru_forward_rows<scalar_t>(Tn, B, H, lo, hi, gi.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
-                                 w_hh.data_ptr<scalar_t>(), pb, h0.data_ptr<scalar_t>(), y.data_ptr<scalar_t>());
+                                 w_hh.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(), pb, h0.data_ptr<scalar_t>(),
+                                 y.data_ptr<scalar_t>());
     });
   });
 }
 
 void lstm_adjoint_out(const Tensor& gates, const Tensor& c, const Tensor& c0, const Tensor& tanh_c, const Tensor& gain,
-                      const Tensor& w_hh_t, const Tensor& lh, const Tensor& lc, Tensor wh, Tensor dc, Tensor dpre) {
+                      const Tensor& w_hh, const Tensor& w_hh_t, const Tensor& lh, const Tensor& lc, Tensor wh, Tensor dc,
+                      Tensor dpre) {
   check(gates.dim() == 3 && gates.size(2) % 4 == 0, "lstm_adjoint_out", "gates must be (T, B, 4H)");
   const int64_t Tn = gates.size(0), B = gates.size(1), H = gates.size(2) / 4;
   check(gates.scalar_type() == at::kFloat || gates.scalar_type() == at::kDouble, "lstm_adjoint_out",
@@ -273,20 +277,21 @@ void lstm_adjoint_out(const Tensor& gates, const Tensor& c, const Tensor& c0, co
   for (const Tensor* t : Refs{&c, &tanh_c, &gain, &lh, &lc, &wh, &dc})
     check_contiguous(*t, gates, Tn * B * H, "lstm_adjoint_out", "c/tanh_c/gain/lh/lc/wh/dc");
   check_contiguous(c0, gates, B * H, "lstm_adjoint_out", "c0");
+  check_contiguous(w_hh, gates, 4 * H * H, "lstm_adjoint_out", "w_hh");
   check_contiguous(w_hh_t, gates, 4 * H * H, "lstm_adjoint_out", "w_hh_t");
   if (Tn == 0 || B == 0) return;
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_adjoint_out", [&] {
     at::parallel_for(0, B, batch_grain(Tn, B, 4 * H), [&](int64_t lo, int64_t hi) {
       lstm_adjoint_rows<scalar_t>(Tn, B, H, lo, hi, gates.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
                                   c0.data_ptr<scalar_t>(), tanh_c.data_ptr<scalar_t>(), gain.data_ptr<scalar_t>(),
-                                  w_hh_t.data_ptr<scalar_t>(), lh.data_ptr<scalar_t>(), lc.data_ptr<scalar_t>(),
+                                  w_hh.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(), lh.data_ptr<scalar_t>(), lc.data_ptr<scalar_t>(),
                                   wh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dpre.data_ptr<scalar_t>());
     });
   });
 }
 
-void gru_adjoint_out(const Tensor& gates, const Tensor& gh, const Tensor& w_hh_t, const Tensor& h0, const Tensor& y,
-                     const Tensor& lh, Tensor w, Tensor dgi, Tensor dgh) {
+void gru_adjoint_out(const Tensor& gates, const Tensor& gh, const Tensor& w_hh, const Tensor& w_hh_t, const Tensor& h0,
+                     const Tensor& y, const Tensor& lh, Tensor w, Tensor dgi, Tensor dgh) {
   check(gates.dim() == 3 && gates.size(2) % 3 == 0, "gru_adjoint_out", "gates must be (T, B, 3H)");
   const int64_t Tn = gates.size(0), B = gates.size(1), H = gates.size(2) / 3;
   check(gates.scalar_type() == at::kFloat || gates.scalar_type() == at::kDouble, "gru_adjoint_out",
@@ -294,12 +299,13 @@ void gru_adjoint_out(const Tensor& gates, const Tensor& gh, const Tensor& w_hh_t
   for (const Tensor* t : Refs{&gates, &gh, &dgi, &dgh}) check_contiguous(*t, gates, gates.numel(), "gru_adjoint_out", "gates/gh/dgi/dgh");
   for (const Tensor* t : Refs{&y, &lh, &w}) check_contiguous(*t, gates, Tn * B * H, "gru_adjoint_out", "y/lh/w");
   check_contiguous(h0, gates, B * H, "gru_adjoint_out", "h0");
+  check_contiguous(w_hh, gates, 3 * H * H, "gru_adjoint_out", "w_hh");
   check_contiguous(w_hh_t, gates, 3 * H * H, "gru_adjoint_out", "w_hh_t");
   if (Tn == 0 || B == 0) return;
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "gru_adjoint_out", [&] {
     at::parallel_for(0, B, batch_grain(Tn, B, 3 * H), [&](int64_t lo, int64_t hi) {
       gru_adjoint_rows<scalar_t>(Tn, B, H, lo, hi, gates.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
-                                 w_hh_t.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                 w_hh.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
                                  lh.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), dgi.data_ptr<scalar_t>(),
                                  dgh.data_ptr<scalar_t>());
     });
@@ -316,6 +322,13 @@ int64_t build_info() {
 #else
   return 0;
 #endif
+}
+
+int64_t step_gemm_mode(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "hwbptt.step_gemm_mode: mode must be 0 (by size), 1 (BLAS) or 2 (own), got ", mode);
+  const int64_t before = step_gemm_mode_ref();
+  step_gemm_mode_ref() = static_cast<int>(mode);
+  return before;
 }
 
 bool has_blas() { return blas().s != nullptr && blas().d != nullptr; }

@@ -154,16 +154,17 @@ void gru_dgates_out(const Tensor& lam, const Tensor& gates, const Tensor& gh, co
 // exact adjoints).
 void scan_out(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& c, bool reverse, at::Tensor u);
 void transpose_out(const at::Tensor& src, at::Tensor dst);
-void lstm_forward_(at::Tensor pre, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0, at::Tensor y,
-                   at::Tensor c, at::Tensor tanh_c, at::Tensor gain);
-void gru_forward_(at::Tensor gi, at::Tensor gh, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-                  const at::Tensor& h0, at::Tensor y);
+void lstm_forward_(at::Tensor pre, const at::Tensor& w_hh, const at::Tensor& w_hh_t, const at::Tensor& h0,
+                   const at::Tensor& c0, at::Tensor y, at::Tensor c, at::Tensor tanh_c, at::Tensor gain);
+void gru_forward_(at::Tensor gi, at::Tensor gh, const at::Tensor& w_hh, const at::Tensor& w_hh_t,
+                  const std::optional<at::Tensor>& b_hh, const at::Tensor& h0, at::Tensor y);
 void lstm_adjoint_out(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c0, const at::Tensor& tanh_c,
-                      const at::Tensor& gain, const at::Tensor& w_hh_t, const at::Tensor& lh, const at::Tensor& lc,
+                      const at::Tensor& gain, const at::Tensor& w_hh, const at::Tensor& w_hh_t, const at::Tensor& lh, const at::Tensor& lc,
                       at::Tensor wh, at::Tensor dc, at::Tensor dpre);
-void gru_adjoint_out(const at::Tensor& gates, const at::Tensor& gh, const at::Tensor& w_hh_t, const at::Tensor& h0,
+void gru_adjoint_out(const at::Tensor& gates, const at::Tensor& gh, const at::Tensor& w_hh, const at::Tensor& w_hh_t, const at::Tensor& h0,
                      const at::Tensor& y, const at::Tensor& lh, at::Tensor w, at::Tensor dgi, at::Tensor dgh);
 int64_t build_info();
+int64_t step_gemm_mode(int64_t mode);
 bool has_blas();
 
 TORCH_LIBRARY(hwbptt, m) {
@@ -173,15 +174,16 @@ TORCH_LIBRARY(hwbptt, m) {
   m.def("gru_dgates_out(Tensor lam, Tensor gates, Tensor gh, Tensor h0, Tensor y, Tensor(a!) dgh, Tensor(b!)? dgi) -> ()");
   m.def("scan_out(Tensor a, Tensor b, Tensor? c, bool reverse, Tensor(a!) u) -> ()");
   m.def("transpose_out(Tensor src, Tensor(a!) dst) -> ()");
-  m.def("lstm_forward_(Tensor(a!) pre, Tensor w_hh, Tensor h0, Tensor c0, Tensor(b!) y, Tensor(c!) c, "
+  m.def("lstm_forward_(Tensor(a!) pre, Tensor w_hh, Tensor w_hh_t, Tensor h0, Tensor c0, Tensor(b!) y, Tensor(c!) c, "
         "Tensor(d!) tanh_c, Tensor(e!) gain) -> ()");
-  m.def("gru_forward_(Tensor(a!) gi, Tensor(b!) gh, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor(c!) y) -> ()");
-  m.def("lstm_adjoint_out(Tensor gates, Tensor c, Tensor c0, Tensor tanh_c, Tensor gain, Tensor w_hh_t, Tensor lh, "
+  m.def("gru_forward_(Tensor(a!) gi, Tensor(b!) gh, Tensor w_hh, Tensor w_hh_t, Tensor? b_hh, Tensor h0, Tensor(c!) y) -> ()");
+  m.def("lstm_adjoint_out(Tensor gates, Tensor c, Tensor c0, Tensor tanh_c, Tensor gain, Tensor w_hh, Tensor w_hh_t, Tensor lh, "
         "Tensor lc, Tensor(a!) wh, Tensor(b!) dc, Tensor(c!) dpre) -> ()");
-  m.def("gru_adjoint_out(Tensor gates, Tensor gh, Tensor w_hh_t, Tensor h0, Tensor y, Tensor lh, Tensor(a!) w, "
+  m.def("gru_adjoint_out(Tensor gates, Tensor gh, Tensor w_hh, Tensor w_hh_t, Tensor h0, Tensor y, Tensor lh, Tensor(a!) w, "
         "Tensor(b!) dgi, Tensor(c!) dgh) -> ()");
   m.def("build_info() -> int", &build_info);
   m.def("has_blas() -> bool", &has_blas);
+  m.def("step_gemm_mode(int mode) -> int", &step_gemm_mode);
 }
 
 TORCH_LIBRARY_IMPL(hwbptt, CPU, m) {
