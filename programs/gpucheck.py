@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_ks, default=None, help="bench iterations, integers or 'exact' (default 0,1,3,10,exact)")
     p.add_argument("--no-packed", action="store_true", help="leave out the packed-sequence rows")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="bench dtype (default float32)")
+    p.add_argument("--tf32", action="store_true",
+                   help="let cuBLAS use TF32 for the Highway tapes' float32 matmuls in the bench (cuDNN's RNNs may use it by default)")
     p.add_argument("--repeats", type=_count(1), default=None, help="timed repeats per variant (default 5; dry run 2)")
     p.add_argument("--warmup", type=_count(0), default=None, help="untimed runs per variant first (default 2; dry run 1)")
     p.add_argument("--no-plot", action="store_true", help="do not write bench.png")
@@ -266,6 +268,9 @@ def _git_commit() -> str | None:
 # ----------------------------------------------------------------------------- step 1: tests
 
 
+_TEST_WORKERS = 4
+
+
 def run_tests(out: Path, dry_run: bool, timeout: float) -> dict:
     """``pytest -m cuda tests/cuda`` in a fresh interpreter (Triton's interpreter mode is
     chosen before Triton is imported; the bench's process stays clean), its output shown
@@ -284,6 +289,10 @@ def run_tests(out: Path, dry_run: bool, timeout: float) -> dict:
     args = ["-p", "no:cacheprovider", "-m", "cuda", "-v", "--tb=short", "-rfEs", f"--junitxml={xml}", str(tests)]
     if importlib.util.find_spec("pytest_timeout") is not None:
         args[:0] = ["--timeout", str(int(max(30, timeout / 2)))]  # one hung test does not take the rest with it
+    if not dry_run and importlib.util.find_spec("xdist") is not None:
+        # Most of the tests' time is Triton and inductor compiling kernels on the CPU: a few
+        # workers compile in parallel (the GPU work itself is small).
+        args[:0] = ["-n", str(_TEST_WORKERS)]
     env = {k: v for k, v in os.environ.items() if k not in ("HWBPTT_TRITON", "HWBPTT_KERNELS", "TRITON_INTERPRET", "HWBPTT_GPUCHECK_DEVICE")}
     env["PYTHONUNBUFFERED"] = "1"
     if dry_run:
@@ -583,6 +592,8 @@ def _estimate(done: list[tuple[int, float]], units: int) -> float:
 def run_bench(torch: Any, args: argparse.Namespace, report: Report, deadline: float, t0: float) -> None:
     device = torch.device("cpu" if args.dry_run else "cuda")
     dtype = getattr(torch, args.dtype)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     clock = Clock(torch, device)
     cfg = {
         "device": device, "dtype": dtype, "dtype_name": args.dtype, "clock": clock, "seed": args.seed,
@@ -591,9 +602,11 @@ def run_bench(torch: Any, args: argparse.Namespace, report: Report, deadline: fl
     }
     plan, verdict_T = bench_plan(args)
     bench_data = report.data["bench"]
+    tf32 = None if args.dry_run else {"cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                                      "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32}
     bench_data.update({"status": "running", "plan": [list(p[:4]) + [[_fmt_k(k) for k in p[4]]] for p in plan],
                        "verdict_T": verdict_T, "timer": clock.name, "repeats": cfg["repeats"], "warmup": cfg["warmup"],
-                       "dtype": args.dtype, "rows": [], "skipped": [], "errors": []})
+                       "dtype": args.dtype, "tf32": tf32, "rows": [], "skipped": [], "errors": []})
     report.save()
     done: list[tuple[int, float]] = []
     for i, (suite, T, B, H, ks) in enumerate(plan, 1):
@@ -733,8 +746,11 @@ def _summary(report: dict) -> str:
              f"device: {env.get('device')} {env.get('capability', '')}".rstrip(),
              f"python {env['python']}, torch {env['torch']} (CUDA {env.get('torch_cuda')}, cuDNN {env.get('cudnn', '-')}), triton {env.get('triton')}",
              f"hwbptt from {env['hwbptt_from']} ({env['hwbptt_source']}, commit {env.get('git_commit') or 'unknown'})"]
-    if "tf32" in env:
-        lines.append(f"TF32: {env['tf32']} (defaults kept for the bench; the tests turn it off)")
+    if bench_data.get("tf32"):
+        t32 = bench_data["tf32"]
+        lines.append(f"TF32 in the bench: cuBLAS (the Highway tapes' matmuls) {t32['cuda.matmul.allow_tf32']}, "
+                     f"cuDNN (the RNN kernels) {t32['cudnn.allow_tf32']}; the tests turn both off"
+                     + ("" if t32["cuda.matmul.allow_tf32"] == t32["cudnn.allow_tf32"] else "; unequal: --tf32 lets the tapes use TF32 too"))
     lines.append("")
     t = tests
     lines.append(f"tests: {t['status']}" + (f" ({t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "

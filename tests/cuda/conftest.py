@@ -4,8 +4,10 @@ Every test here carries the ``cuda`` marker and runs on a GPU; without one it is
 with the reason. ``python -m hwbptt gpucheck`` runs them on the GPU it is lent. Its
 ``--dry-run`` rehearses them on the CPU so that the one device run cannot fail on a typo:
 it sets ``HWBPTT_GPUCHECK_DEVICE=cpu`` and ``TRITON_INTERPRET=1`` (Triton's interpreter
-runs the kernels on CPU tensors), and the tests take their small sizes. A dry run checks
-the test code, not the GPU: on the CPU the layers take the C kernels, not Triton.
+runs the kernels on CPU tensors), and the tests take their small sizes. In a dry run the
+CPU takes the route CUDA tensors take (``cuda_route``): the fused forward with the gates
+rebuilt in the backward, the fast tapes on the Triton gate kernels, the Triton scan. It
+checks the test code and that route, not the GPU.
 """
 
 from __future__ import annotations
@@ -73,6 +75,26 @@ def triton_kernels():
     from hwbptt.torch import triton_cells
 
     return triton_cells, triton_scan
+
+
+@pytest.fixture(autouse=True)
+def cuda_route(monkeypatch):
+    """Dry run only: CPU float32 tensors take CUDA's route through the layers. ``fused``'s
+    four functions become the Triton kernels (as its CUDA dispatch does), the scan takes the
+    Triton kernel where it would take the C one, and the forward that keeps the gates (CPU
+    only) is off, so the backward rebuilds them as on CUDA."""
+    if not (DRY_RUN and HAVE_TRITON):
+        yield
+        return
+    import hwbptt.scan as scan  # moves to hwbptt.torch.scan
+    from hwbptt.torch import fused, reserve, triton_cells
+
+    for name in ("lstm_gates", "lstm_dpre", "gru_gates", "gru_dgates"):
+        monkeypatch.setattr(fused, name, getattr(triton_cells, name))
+    backend = scan.scan_backend
+    monkeypatch.setattr(scan, "scan_backend", lambda a, b: "triton" if backend(a, b) == "cpu-kernel" else backend(a, b))
+    with reserve.use(False):
+        yield
 
 
 @pytest.fixture(autouse=True)

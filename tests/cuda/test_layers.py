@@ -55,7 +55,7 @@ def _compare(got: dict, want: dict, tol: float, what: str) -> None:
 
 
 def _lengths(small: bool) -> tuple[int, ...]:
-    return (1, 5) if small else (1, 17)
+    return (1, 3) if small else (1, 17)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"])
@@ -100,7 +100,7 @@ def test_k_at_least_T_equals_cudnn_bptt(device, small, model):
         x = torch.randn(T, B, I, device=device, requires_grad=True)
         proj, proj_h = torch.randn(T, B, 2 * H, device=device), torch.randn(B, H, device=device)
         want = _grads(base, x, lambda: _loss(base, x, proj, proj_h))
-        for k in (T, T + 3, None):
+        for k in ((T, None) if small else (T, T + 3, None)):  # the interpreter is slow: fewer in the dry run
             high = High(I, H, num_layers=2, bidirectional=True, iterations=k, device=device)
             high.load_state_dict(base.state_dict())
             got = _grads(high, x, lambda: _loss(high, x, proj, proj_h))
@@ -192,8 +192,7 @@ def test_triton_switched_off_gives_the_same_gradient(device, small, monkeypatch)
 
 def test_kernel_that_does_not_compile_fails_the_backward(device, triton_kernels, monkeypatch):
     """Through a layer: the backward raises the error naming the kernel and the way out
-    (never a silent fallback). On the CPU (the dry run) the layers take the C kernels, so
-    there the kernel is called directly."""
+    (never a silent fallback)."""
     tc, _ = triton_kernels
 
     class Broken:
@@ -207,12 +206,7 @@ def test_kernel_that_does_not_compile_fails_the_backward(device, triton_kernels,
     layer = HighwayLSTM(4, 8, iterations=2, device=device)
     x = torch.randn(5, 2, 4, device=device, requires_grad=True)
     with pytest.raises(RuntimeError, match=r"_lstm_dpre_kernel.*HWBPTT_TRITON=0"):
-        if device.type == "cuda":
-            layer(x)[0].sum().backward()
-        else:
-            g = torch.rand(5, 2, 32, device=device)
-            c = torch.rand(5, 2, 8, device=device)
-            tc.lstm_dpre(c, c, g, c, c[0], c)
+        layer(x)[0].sum().backward()
 
 
 def test_torch_compile_smoke(device, small):
