@@ -94,3 +94,15 @@ def test_out_of_memory_is_not_relabelled(interpreter, monkeypatch):
     monkeypatch.setattr(triton_scan, "_scan_kernel", OutOfMemory())
     with pytest.raises(torch.cuda.OutOfMemoryError):
         triton_scan.scan_3d(torch.rand(3, 1, 4), torch.rand(3, 1, 4), False)
+
+
+def test_the_scan_refuses_offsets_past_32_bits():
+    """``_scan_kernel``'s offsets are int32 products: a scan reaching past 2^31 elements
+    is refused with the way out, not run on wrapped offsets."""
+    T, M, K = 4096, 128, 512  # the bench's largest: 2^28 elements
+    assert triton_scan.offsets_fit(T, M, K, M * K, K, M * K, K)
+    assert triton_scan.offsets_fit(2**31 // (M * K), M, K, M * K, K, M * K, K)  # exactly 2^31 elements: last offset 2^31 - 1
+    assert not triton_scan.offsets_fit(2**31 // (M * K) + 1, M, K, M * K, K, M * K, K)
+    assert not triton_scan.offsets_fit(3, 1, 4, 2**30, 0, 4, 4)  # a strided input alone
+    a = torch.rand(3, 1, 4).as_strided((3, 1, 4), (4, 4, 1))
+    assert triton_scan.offsets_fit(3, 1, 4, *a.stride()[:2], *a.stride()[:2])

@@ -7,7 +7,9 @@ written once, with lanes spread over the GPU's programs. Reference twin:
 tensors under ``TRITON_INTERPRET=1`` against it).
 
 Layout as in ``hwbptt.kernels.cpu_scan``: (T, M, K) with stride 1 on K and any strides
-on dims 0 and 1 for ``a`` and ``b``; ``u`` contiguous.
+on dims 0 and 1 for ``a`` and ``b``; ``u`` contiguous. Offsets are 32-bit: a scan whose
+offsets would reach 2^31 elements is refused (``offsets_fit``) rather than run on wrapped
+offsets.
 
 This module also holds what every Triton kernel of the project shares (``triton_cells``
 imports it from here): ``enabled()``, the ``HWBPTT_TRITON`` switch (``HWBPTT_TRITON=0``
@@ -24,7 +26,7 @@ import os
 
 import torch
 
-__all__ = ["available", "enabled", "launch", "scan_3d"]
+__all__ = ["available", "enabled", "launch", "offsets_fit", "scan_3d"]
 
 try:  # Triton is optional: without it CUDA tensors take the plain-torch scan.
     import triton
@@ -109,6 +111,13 @@ if _HAVE_TRITON:
             tl.store(u_ptr + (t * M + m) * K + k, acc, mask=mask)
 
 
+def offsets_fit(T: int, M: int, K: int, saT: int, saM: int, sbT: int, sbM: int) -> bool:
+    """Whether every offset ``_scan_kernel`` forms (int32 products of the time index and
+    the strides) stays below 2^31: past that it would read and write the wrong elements."""
+    last = max((T - 1) * saT + (M - 1) * saM, (T - 1) * sbT + (M - 1) * sbM, (T * M - 1) * K) + K - 1
+    return last < 2**31
+
+
 def scan_3d(a: torch.Tensor, b: torch.Tensor, reverse: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a``, ``b``: (T, M, K) tensors of one dtype (float32/float64), stride 1 on K.
     Returns ``u`` (T, M, K) contiguous."""
@@ -119,6 +128,12 @@ def scan_3d(a: torch.Tensor, b: torch.Tensor, reverse: bool, out: torch.Tensor |
     u = torch.empty((T, M, K), dtype=b.dtype, device=b.device) if out is None else out
     if T == 0 or M == 0 or K == 0:
         return u
+    if not offsets_fit(T, M, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1)):
+        raise RuntimeError(
+            f"hwbptt: the Triton kernel _scan_kernel ({__name__}) computes 32-bit offsets, and a scan over "
+            f"(T, M, K) = {(T, M, K)} with strides a {tuple(a.stride())}, b {tuple(b.stride())} reaches past 2^31 elements. "
+            "Set HWBPTT_TRITON=0 to use the eager torch path instead (same results, slower)."
+        )
     block = min(1024, max(16, triton.next_power_of_2(K)))
     grid = (M, triton.cdiv(K, block))
     launch(__name__, "_scan_kernel", _scan_kernel, grid, b, a, b, u, T, M, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
