@@ -71,7 +71,7 @@ def triton_kernels():
     """``(triton_cells, triton_scan)``, or a skip where Triton is not installed."""
     if not HAVE_TRITON:
         pytest.skip("triton is not installed")
-    from hwbptt.kernels import triton_scan
+    from hwbptt.kernels import triton_scan  # moves to hwbptt.torch.triton_scan
     from hwbptt.torch import triton_cells
 
     return triton_cells, triton_scan
