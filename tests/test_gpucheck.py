@@ -5,6 +5,7 @@ own folders. The GPU run itself happens only where a GPU is lent."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -40,8 +41,12 @@ def test_dry_run_writes_every_result(tmp_path):
     # step 1: the CUDA tests ran on the CPU, in the interpreter, and passed
     tests = data["tests"]
     assert tests["status"] == "passed", tests
-    assert tests["passed"] >= 20 and tests["failed"] == 0 and tests["errors"] == 0
-    assert "test_kernels.py::test_lstm_gates[float32] PASSED" in (out / "tests.log").read_text().replace("tests/cuda/", "")
+    assert tests["failed"] == 0 and tests["errors"] == 0
+    log = (out / "tests.log").read_text().replace("tests/cuda/", "")
+    if importlib.util.find_spec("triton") is not None:  # the kernels' tests need Triton's interpreter
+        assert tests["passed"] >= 30
+        assert "test_kernels.py::test_lstm_gates[float32] PASSED" in log
+    assert "test_layers.py::test_k_at_least_T_equals_cudnn_bptt[lstm] PASSED" in log
     assert (out / "tests.xml").stat().st_size > 0
     # step 2: every suite, every k, ratios against the baseline timed in the same run
     bench = data["bench"]
