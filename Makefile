@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench study env sysdeps clean
+.PHONY: demo test bench study env sysdeps clean gpu-check
 
 KERNEL_SOURCES := setup.py $(wildcard adapters/torch/csrc/*.cpp adapters/torch/csrc/*.h)
 
@@ -40,6 +40,12 @@ bench: $(STAMP)
 
 study: $(STAMP)
 	$(PY) -m hwbptt study --quick
+
+# On a machine with a GPU: the CUDA tests, the bench against cuDNN and the verdicts, into
+# results/gpucheck (README, "GPU"). Plain $(PYTHON), not the virtual environment: it runs on
+# whatever PyTorch and Triton are installed there, from this checkout without installing it.
+gpu-check:
+	$(PYTHON) programs/gpucheck.py --out results/gpucheck
 
 clean:
 	rm -rf $(VENV) build *.egg-info

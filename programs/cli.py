@@ -1,4 +1,4 @@
-"""``python -m hwbptt {demo,bench,study} [options]``.
+"""``python -m hwbptt {demo,bench,study,gpucheck} [options]``.
 
 Each subcommand lives in a module of its own with a ``main(argv) -> int``; this file only
 dispatches, so a program's imports (matplotlib, keras, ...) load only when it runs.
@@ -13,12 +13,14 @@ COMMANDS = {
     "demo": "Train one LSTM with BPTT and with Highway-BP side by side; table, plot and JSON.",
     "bench": "Time Highway-BP against the fused baselines; ratio table, JSON and plot.",
     "study": "Training-quality study: Highway-BP vs BPTT, FPI and truncated BPTT.",
+    "gpucheck": "On a GPU: the CUDA tests, the bench against cuDNN and the verdicts, into one folder (--dry-run: on the CPU).",
 }
 
 
 def _usage() -> str:
     lines = ["usage: python -m hwbptt COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<6} {text}" for name, text in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
     lines += ["", "python -m hwbptt COMMAND --help for a command's options."]
     return "\n".join(lines)
 

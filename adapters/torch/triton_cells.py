@@ -29,6 +29,11 @@ Layout and arithmetic:
   ``gates``, ``c``, ``tanh_c``, ``gh``); outputs are contiguous, on the input's device.
   Offsets are 64-bit.
 
+Switches and errors: ``HWBPTT_TRITON=0`` makes ``available()`` false (CUDA tensors then take
+the tapes' eager torch path; ``HWBPTT_KERNELS=0`` turns off every compiled kernel); a kernel
+that Triton cannot compile or launch on the GPU at hand raises a ``RuntimeError`` naming the
+kernel and that switch (``hwbptt.torch.triton_scan.launch``).
+
 Checks: ``tests/test_triton_cells.py`` runs each kernel on CPU tensors under
 ``TRITON_INTERPRET=1`` against the C kernel and the eager torch reference (float32, odd
 shapes over several blocks, the ``out=`` contract, float16/bfloat16 inputs), the fast
@@ -36,7 +41,9 @@ tapes with these kernels in place of the C ones against the eager tapes, and ``f
 CUDA dispatch with stand-in tensors; and it compiles every kernel for sm_90 (H100) to a
 CUDA binary with Triton's own toolchain, which needs no GPU.
 
-Unmeasured (no GPU where this was written):
+Unmeasured (no GPU where this was written; ``python -m hwbptt gpucheck``, the tests in
+``tests/cuda`` and the bench against cuDNN, is the one command that measures them when a GPU
+is lent):
 
 - no kernel here has run on a GPU: they ran only in Triton's interpreter, which executes
   the kernel source with NumPy on the CPU, and were compiled (not run) for sm_90. On CUDA,
@@ -61,6 +68,10 @@ import os
 
 import torch
 
+# The HWBPTT_TRITON switch, and the launcher that names a kernel Triton cannot compile, are
+# shared with the Triton scan.
+from .triton_scan import enabled as _triton_enabled, launch as _shared_launch
+
 __all__ = ["available", "DTYPES", "lstm_gates", "lstm_dpre", "gru_gates", "gru_dgates"]
 
 #: The storage dtypes these kernels take (arithmetic in float32).
@@ -81,13 +92,22 @@ except Exception:  # pragma: no cover - depends on the installation
 
 
 def available() -> bool:
-    """Triton is installed, kernels are not switched off (``HWBPTT_KERNELS=0``), and there
-    is a GPU for it (or its interpreter was chosen with ``TRITON_INTERPRET=1``)."""
-    if not _HAVE_TRITON:
+    """Triton is installed, kernels are not switched off (``HWBPTT_KERNELS=0``, or
+    ``HWBPTT_TRITON=0`` for the Triton kernels alone: then ``fused.supports`` is false for
+    CUDA tensors and the tapes take their eager torch path), and there is a GPU for it (or
+    its interpreter was chosen with ``TRITON_INTERPRET=1``)."""
+    if not _HAVE_TRITON or not _triton_enabled():
         return False
     from .native import kernels_enabled
 
     return kernels_enabled() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _launch(name: str, grid, like: torch.Tensor, *args, **meta) -> None:
+    """Launch this module's kernel ``name``; a kernel Triton cannot compile or launch on this
+    GPU raises a ``RuntimeError`` naming it and ``HWBPTT_TRITON=0`` (``triton_scan.launch``).
+    The kernel is looked up by name at each call, so that tests can replace it."""
+    _shared_launch(__name__, name, globals()[name], grid, like, *args, **meta)
 
 
 if _HAVE_TRITON:
@@ -250,7 +270,7 @@ def lstm_gates(pre: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, torch
     c, tc, gain = (torch.empty((T, B, H), dtype=pre.dtype, device=pre.device) for _ in range(3))
     if T * B * H:
         bb, bh = _blocks(B, H, _SCAN_TILE)
-        _lstm_gates_kernel[_grid(B, H, bb, bh)](pre, c0, c, tc, gain, T, B, H, BLOCK_B=bb, BLOCK_H=bh)
+        _launch("_lstm_gates_kernel", _grid(B, H, bb, bh), pre, pre, c0, c, tc, gain, T, B, H, BLOCK_B=bb, BLOCK_H=bh)
     return c, tc, gain
 
 
@@ -272,7 +292,7 @@ def lstm_dpre(dc: torch.Tensor, m: torch.Tensor, gates: torch.Tensor, c: torch.T
     R = T * B
     if R * H:
         br, bh = _blocks(R, H, _TILE)
-        _lstm_dpre_kernel[_grid(R, H, br, bh)](dc, m, gates, c, c0, tanh_c, out, R, B, H, BLOCK_R=br, BLOCK_H=bh)
+        _launch("_lstm_dpre_kernel", _grid(R, H, br, bh), gates, dc, m, gates, c, c0, tanh_c, out, R, B, H, BLOCK_R=br, BLOCK_H=bh)
     return out
 
 
@@ -288,7 +308,7 @@ def gru_gates(gi: torch.Tensor, gh: torch.Tensor) -> None:
     H, R = H3 // 3, T * B
     if R * H:
         br, bh = _blocks(R, H, _TILE)
-        _gru_gates_kernel[_grid(R, H, br, bh)](gi, gh, R, H, BLOCK_R=br, BLOCK_H=bh)
+        _launch("_gru_gates_kernel", _grid(R, H, br, bh), gi, gi, gh, R, H, BLOCK_R=br, BLOCK_H=bh)
 
 
 def gru_dgates(lam: torch.Tensor, gates: torch.Tensor, gh: torch.Tensor, h0: torch.Tensor, y: torch.Tensor, with_input: bool, out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -312,8 +332,8 @@ def gru_dgates(lam: torch.Tensor, gates: torch.Tensor, gh: torch.Tensor, h0: tor
     R = T * B
     if R * H:
         br, bh = _blocks(R, H, _TILE)
-        _gru_dgates_kernel[_grid(R, H, br, bh)](
-            lam, gates, gh, h0, y, dgh, dgh if dgi is None else dgi, R, B, H,
+        _launch(
+            "_gru_dgates_kernel", _grid(R, H, br, bh), gates, lam, gates, gh, h0, y, dgh, dgh if dgi is None else dgi, R, B, H,
             WITH_INPUT=bool(with_input), BLOCK_R=br, BLOCK_H=bh,
         )
     return dgi, dgh
