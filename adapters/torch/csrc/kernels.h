@@ -142,7 +142,7 @@ inline const Blas& blas() {
 }
 
 // out (B x N, row-major) += h (B x K) @ wt with wt (K x N) row-major (wt = W^T), for the
-// small per-step products of the time loops: rows in groups of 4, columns in blocks of 4
+// per-step products of the time loops: rows in groups of 4, columns in blocks of 4
 // vectors, 16 accumulators in registers, so each wt row is loaded once per 4 rows. A
 // BLAS call costs microseconds of its own at these sizes (measured: MKL's sgemm ran a
 // (16 x 64) @ (64 x 256) step at about a quarter of this core's peak).
@@ -150,10 +150,12 @@ template <typename T>
 inline void small_gemm(int64_t B, int64_t N, int64_t K, const T* wt, const T* h, T* out) {
   constexpr int64_t V = Vec<T>::size();
   constexpr int RB = 4, CB = 4;
-  int64_t b = 0;
-  for (; b + RB <= B; b += RB) {
-    int64_t n = 0;
-    for (; n + CB * V <= N; n += CB * V) {
+  // Column strips outer, row groups inner: a strip of wt (K x 4 vectors) stays in the
+  // core's cache while every row group passes over it.
+  int64_t n = 0;
+  for (; n + CB * V <= N; n += CB * V) {
+    int64_t b = 0;
+    for (; b + RB <= B; b += RB) {
       Vec<T> acc[RB][CB];
       for (int r = 0; r < RB; ++r)
         for (int c = 0; c < CB; ++c) acc[r][c] = Vec<T>::loadu(out + (b + r) * N + n + c * V);
@@ -168,8 +170,21 @@ inline void small_gemm(int64_t B, int64_t N, int64_t K, const T* wt, const T* h,
       for (int r = 0; r < RB; ++r)
         for (int c = 0; c < CB; ++c) acc[r][c].store(out + (b + r) * N + n + c * V);
     }
-    for (; n < N; n += V) {
-      const int64_t m = std::min<int64_t>(V, N - n);
+    for (; b < B; ++b) {
+      Vec<T> acc[CB];
+      for (int c = 0; c < CB; ++c) acc[c] = Vec<T>::loadu(out + b * N + n + c * V);
+      for (int64_t k = 0; k < K; ++k) {
+        const Vec<T> hv(h[b * K + k]);
+        for (int c = 0; c < CB; ++c) acc[c] = at::vec::fmadd(hv, Vec<T>::loadu(wt + k * N + n + c * V), acc[c]);
+      }
+      for (int c = 0; c < CB; ++c) acc[c].store(out + b * N + n + c * V);
+    }
+  }
+  // The last columns, one (possibly partial) vector at a time.
+  for (; n < N; n += V) {
+    const int64_t m = std::min<int64_t>(V, N - n);
+    int64_t b = 0;
+    for (; b + RB <= B; b += RB) {
       Vec<T> acc[RB];
       for (int r = 0; r < RB; ++r) acc[r] = load(out + (b + r) * N + n, m);
       for (int64_t k = 0; k < K; ++k) {
@@ -178,14 +193,12 @@ inline void small_gemm(int64_t B, int64_t N, int64_t K, const T* wt, const T* h,
       }
       for (int r = 0; r < RB; ++r) store(acc[r], out + (b + r) * N + n, m);
     }
-  }
-  for (; b < B; ++b)
-    for (int64_t n = 0; n < N; n += V) {
-      const int64_t m = std::min<int64_t>(V, N - n);
+    for (; b < B; ++b) {
       Vec<T> acc = load(out + b * N + n, m);
       for (int64_t k = 0; k < K; ++k) acc = at::vec::fmadd(Vec<T>(h[b * K + k]), load(wt + k * N + n, m), acc);
       store(acc, out + b * N + n, m);
     }
+  }
 }
 
 // Which per-step product the time loops use: 0 by size (the default), 1 always the BLAS,
@@ -195,9 +208,10 @@ inline int& step_gemm_mode_ref() {
   return mode;
 }
 
-// Below this many weight elements the per-step product runs on small_gemm: the weight
-// (read once per 4 rows) stays in the core's cache and the BLAS's call overhead dominates.
-constexpr int64_t kSmallGemmMaxWeights = int64_t(128) * 512;
+// Up to this many weight elements the per-step product runs on small_gemm (measured
+// 1.4-2x MKL's sgemm per step from H = 64 to H = 512, B = 8 to 64, one and two threads);
+// above, the BLAS, whose blocking for large operands this kernel does not attempt.
+constexpr int64_t kSmallGemmMaxWeights = int64_t(4096) * 1024;
 
 // out (B x N) += h (B x K) @ W^T for the time loops. W is given twice: w (N x K) for the
 // BLAS and wt = W^T (K x N) for small_gemm; sizes fit in int (the wrappers refuse tensors
