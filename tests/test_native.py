@@ -142,3 +142,26 @@ def test_the_scan_splits_over_threads_with_one_threads_result(torch_threads):
     with torch_threads(2):
         two = linear_scan(a, b, reverse=True)
     assert torch.equal(one, two)
+
+
+@needs_kernels
+def test_plan_is_the_one_decision():
+    """``dispatch.plan``: exact mode takes the compiled adjoint for the GRU at every size
+    and for the LSTM from T·H = 2^16 (below, the parent's exact gradient, measured faster);
+    no gradient wanted or an empty input: the parent; Highway mode keeps the gates."""
+    from hwbptt.torch.dispatch import EXACT_LSTM_MIN_TH, plan
+
+    def tensors(T, H, lstm=True):
+        x, h0 = torch.randn(T, 2, 3), torch.randn(2, H)
+        w = [torch.randn(4 * H if lstm else 3 * H, 3), torch.randn(4 * H if lstm else 3 * H, H)]
+        return (x, h0, torch.randn(2, H), *w) if lstm else (x, h0, *w)
+
+    H = 64
+    short, long = EXACT_LSTM_MIN_TH // H - 1, EXACT_LSTM_MIN_TH // H
+    assert plan("lstm", tensors(short, H), exact=True, has_proj=False, wants_grad=True).backward == "parent"
+    assert plan("lstm", tensors(long, H), exact=True, has_proj=False, wants_grad=True).backward == "exact-adjoint"
+    assert plan("gru", tensors(8, H, lstm=False), exact=True, has_proj=False, wants_grad=True).backward == "exact-adjoint"
+    assert plan("lstm", tensors(long, H), exact=True, has_proj=True, wants_grad=True).backward == "parent"
+    p = plan("lstm", tensors(8, H), exact=False, has_proj=False, wants_grad=True)
+    assert (p.forward, p.backward) == ("reserve", "highway") and p.kernels.startswith("compiled C++")
+    assert plan("lstm", tensors(8, H), exact=False, has_proj=False, wants_grad=False).backward == "parent"
