@@ -24,12 +24,11 @@ from . import tf_kernels as tk
 __all__ = ["gru_run"]
 
 
-def _forward(act: str, ract: str) -> Any:
+def _forward(act: str, ract: str, H: int) -> Any:
     import tensorflow as tf
 
     def forward(xw, U, b_rec, h0):
         steps = tf.shape(xw)[0]
-        H = U.shape[0]
         ta = lambda n: tf.TensorArray(xw.dtype, size=steps, element_shape=tf.TensorShape([None, n]))
 
         def body(t, h, hs, gs):
@@ -48,13 +47,12 @@ def _forward(act: str, ract: str) -> Any:
     return forward
 
 
-def _backward(act: str, ract: str, key: tuple) -> Any:
+def _backward(act: str, ract: str, H: int, key: tuple) -> Any:
     import tensorflow as tf
 
     ops_ = tk._TFOps()
 
     def backward(hs, gs, h0, U, lam):
-        H = U.shape[0]
         h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
         z, r, n, qh = gs[..., :H], gs[..., H : 2 * H], gs[..., 2 * H : 3 * H], gs[..., 3 * H :]
         cn = (1.0 - z) * tk._deriv(act, n)
@@ -97,13 +95,14 @@ def gru_run(cell: Any, params: list, x: Any, states: list, options: HighwayOptio
     H = cell.units
     b = params[2] if cell.use_bias else tf.zeros((2, 3 * H), dtype=x.dtype)
     key = tk._options_key(options, x.shape[0])
-    forward = tk._compiled(("gru-f", act, ract), lambda: _forward(act, ract), tk._state["forward_xla"])
-    backward = tk._compiled(("gru-b", act, ract, key), lambda: _backward(act, ract, key), tk._state["backward_xla"])
+    forward = tk._compiled(("gru-f", act, ract, H), lambda: _forward(act, ract, H), tk._state["forward_xla"])
+    backward = tk._compiled(("gru-b", act, ract, H, key), lambda: _backward(act, ract, H, key), tk._state["backward_xla"])
 
     @tf.custom_gradient
     def op(x, W, U, b, h0):
         xw = tk._project(x, W) + b[0]
-        hs, gs = forward(xw, U, b[1], h0)
+        # stop_gradient: no tape may ask the loop for a gradient of its own (see tf_lstm).
+        hs, gs = forward(*[tf.stop_gradient(t) for t in (xw, U, b[1], h0)])
 
         def grad(dhs):
             dhs = tf.zeros_like(hs) if dhs is None else tf.reshape(dhs, tf.shape(hs))

@@ -25,12 +25,11 @@ from . import tf_kernels as tk
 __all__ = ["lstm_run"]
 
 
-def _forward(act: str, ract: str) -> Any:
+def _forward(act: str, ract: str, H: int) -> Any:
     import tensorflow as tf
 
     def forward(xw, U, h0, c0):
         steps = tf.shape(xw)[0]
-        H = U.shape[0]
         ta = lambda n: tf.TensorArray(xw.dtype, size=steps, element_shape=tf.TensorShape([None, n]))
 
         def body(t, h, c, hs, cs, gs):
@@ -49,13 +48,12 @@ def _forward(act: str, ract: str) -> Any:
     return forward
 
 
-def _backward(act: str, ract: str, key: tuple) -> Any:
+def _backward(act: str, ract: str, H: int, key: tuple) -> Any:
     import tensorflow as tf
 
     ops_ = tk._TFOps()
 
     def backward(hs, cs, gs, h0, c0, U, lh, lc):
-        H = U.shape[0]
         c_prev = tf.concat([c0[None], cs[:-1]], axis=0)
         i, f, g, o = gs[..., :H], gs[..., H : 2 * H], gs[..., 2 * H : 3 * H], gs[..., 3 * H :]
         tc = tk._apply(act, cs)
@@ -98,10 +96,21 @@ def _backward(act: str, ract: str, key: tuple) -> Any:
             to_c = tf.zeros_like(to_h) if gates else uh * Bc * f
             return fold(ops_.shift_next(tf.concat([to_h, to_c], axis=-1)))
 
-        residual = ops_.shift_next(tf.concat([tf.zeros_like(f), f], axis=-1))
-        local = fold(tf.concat([lh, lc], axis=-1))
-        u, _ = highway_adjoint(residual, local, block, iterations=k, ops=ops_, tol=tol, gamma=gamma)
-        uh, dc = parts(u)
+        if gates and tol is None and gamma == 0.0:
+            # The default: the h part of the adjoint has no residual (K = 0 on h), so the
+            # iteration is λh = ℓh + (δ Uᵀ)_{t+1}, dc = scan(f_{t+1}, ℓc + λh ⊙ Bc): the
+            # engine's iteration with its h half written out (one (B, H) scan, not (B, 2H)).
+            f_next = ops_.shift_next(f)
+            uh = lh
+            dc = ops_.reverse_scan(f_next, lc + uh * Bc)
+            for _ in range(k):
+                uh = lh + ops_.shift_next(tk._project(delta(uh, dc), U, transpose_b=True))
+                dc = ops_.reverse_scan(f_next, lc + uh * Bc)
+        else:
+            residual = ops_.shift_next(tf.concat([tf.zeros_like(f), f], axis=-1))
+            local = fold(tf.concat([lh, lc], axis=-1))
+            u, _ = highway_adjoint(residual, local, block, iterations=k, ops=ops_, tol=tol, gamma=gamma)
+            uh, dc = parts(u)
         d = delta(uh, dc)
         return d, tf.matmul(d[0], U, transpose_b=True), dc[0] * f[0]
 
@@ -113,15 +122,18 @@ def lstm_run(cell: Any, params: list, x: Any, states: list, options: HighwayOpti
 
     act, ract = tk._act_name(cell.activation), tk._act_name(cell.recurrent_activation)
     W, U = params[0], params[1]
-    b = params[2] if cell.use_bias else tf.zeros((4 * cell.units,), dtype=x.dtype)
+    H = cell.units
+    b = params[2] if cell.use_bias else tf.zeros((4 * H,), dtype=x.dtype)
     key = tk._options_key(options, x.shape[0])
-    forward = tk._compiled(("lstm-f", act, ract), lambda: _forward(act, ract), tk._state["forward_xla"])
-    backward = tk._compiled(("lstm-b", act, ract, key), lambda: _backward(act, ract, key), tk._state["backward_xla"])
+    forward = tk._compiled(("lstm-f", act, ract, H), lambda: _forward(act, ract, H), tk._state["forward_xla"])
+    backward = tk._compiled(("lstm-b", act, ract, H, key), lambda: _backward(act, ract, H, key), tk._state["backward_xla"])
 
     @tf.custom_gradient
     def op(x, W, U, b, h0, c0):
         xw = tk._project(x, W) + b
-        hs, cs, gs = forward(xw, U, h0, c0)
+        # stop_gradient: no tape may ask the loop for a gradient of its own (it would keep
+        # per-step accumulators, and XLA refuses them): the gradient is grad's.
+        hs, cs, gs = forward(*[tf.stop_gradient(t) for t in (xw, U, h0, c0)])
 
         def grad(dhs, dcs):
             dhs = tf.zeros_like(hs) if dhs is None else tf.reshape(dhs, tf.shape(hs))
