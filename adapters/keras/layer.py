@@ -211,6 +211,13 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
         x = ops.convert_to_tensor(sequences, dtype=self.compute_dtype)
         _check_sequences_shape(x.shape)
         batch = ops.shape(x)[0]
+        if inner.stateful:
+            expected = getattr(inner, "_expected_batch_size", None)
+            if expected is not None and x.shape[0] is not None and x.shape[0] != expected:
+                raise ValueError(
+                    "If an RNN is stateful, the batch size of the input sequences must be the same as the batch "
+                    f"size of the initial state. Expected batch size: {expected}, received batch size: {x.shape[0]}"
+                )
         if initial_state is None:
             states = list(inner.states) if inner.stateful else inner.get_initial_state(batch)
         else:
