@@ -219,7 +219,9 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
                     f"size of the initial state. Expected batch size: {expected}, received batch size: {x.shape[0]}"
                 )
         if initial_state is None:
-            states = list(inner.states) if inner.stateful else inner.get_initial_state(batch)
+            # A copy of the state variables: the call writes them back in place (_finish),
+            # which must not change a tensor the backward still needs (torch autograd).
+            states = [ops.copy(v.value) for v in inner.states] if inner.stateful else inner.get_initial_state(batch)
         else:
             states = list(initial_state) if isinstance(initial_state, (list, tuple)) else [initial_state]
         states = [ops.cast(ops.convert_to_tensor(s), x.dtype) for s in states]

@@ -30,8 +30,14 @@ def rows(values, units):
     return np.repeat(v[..., None], units, axis=-1)
 
 
+def _np(a):
+    if isinstance(a, (list, tuple)) and a and not isinstance(a[0], (int, float, list, tuple, np.ndarray)):
+        return [_np(v) for v in a]
+    return np.asarray(a) if isinstance(a, (list, tuple, np.ndarray)) else ops.convert_to_numpy(ops.stop_gradient(a))
+
+
 def close(got, want, tol=1e-5):
-    np.testing.assert_allclose(ops.convert_to_numpy(got), np.asarray(want), atol=tol, rtol=tol)
+    np.testing.assert_allclose(_np(got), _np(want), atol=tol, rtol=tol)
 
 
 def wrap(layer, **kwargs):
