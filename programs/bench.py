@@ -764,6 +764,12 @@ def main(argv: list[str] | None = None) -> int:
                 ks = [3]
             rows += run_torch_suite(suite, T, B, H, ks, args, machine, bar)
     for suite in [s for s in args.suites if s.startswith("keras")]:
+        if suite == "keras-tf":  # model.fit against Keras' LSTM and GRU: programs/bench_keras.py
+            from .bench_keras import main_rows
+
+            krows, knotes = main_rows(quick, args.repeats)
+            rows, notes = rows + krows, notes + knotes
+            continue
         T = (256 if quick else 1024) if suite == "keras-tf" else (64 if quick else 1024)
         ks = [1, 3] if suite == "keras-tf" else [None, 3]
         print(f"{suite}: T={T}, B=32, H=128, k={ks} in a subprocess ...", file=sys.stderr)

@@ -6,7 +6,8 @@
     shift_next(u):       u_{t+1} at step t, 0 at the last step
     norm(x):             ||x||_2 (a Python float, or a scalar tensor when traced)
 
-The scan is the PyTorch adapter's (``hwbptt.torch.scan.linear_scan``) on the torch backend; elsewhere a
+The scan is the torch adapter's (``hwbptt.torch.scan.linear_scan``; imported only on the torch
+backend, at call time) on the torch backend; elsewhere a
 chunked scan written with ``keras.ops`` when the shape is static (``2√T`` sequential steps
 over many lanes; it compiles under XLA, where Keras's TensorFlow ``associative_scan`` does
 not for odd lengths, and measured 10x faster on TensorFlow than the odd-even reduction
@@ -126,7 +127,7 @@ class KerasArrayOps:
     def reverse_scan(a: Any, b: Any) -> Any:
         name = backend_name()
         if name == "torch":
-            from hwbptt.torch.scan import linear_scan
+            from hwbptt.torch.scan import linear_scan  # only this backend has torch
 
             return linear_scan(a, b, reverse=True, dim=0)
         T = b.shape[0]

@@ -27,6 +27,7 @@ from keras import ops
 
 from . import activations as act
 from .backend_ops import matmul
+from .gate_dropout import gate_matmul, gate_matmul_t, gate_weight_grad
 from .steps import StepMath, scan_states, weight_grad
 
 __all__ = ["GRUMath"]
@@ -41,6 +42,13 @@ class GRUMath(StepMath):
         self.ract = act.activation_name(cell.recurrent_activation, "recurrent_activation")
         self.state_sizes = (cell.units,)
 
+    def _rec_zr(self) -> Any:
+        return None if self.rec_gates is None else self.rec_gates[:, :2]
+
+    def _rec_h(self) -> Any:
+        """The recurrent mask of the candidate gate (1 without recurrent dropout)."""
+        return 1.0 if self.rec_gates is None else self.rec_gates[:, 2]
+
     def _biases(self, params: list) -> tuple[Any, Any]:
         if not self.use_bias:
             return None, None
@@ -52,7 +60,7 @@ class GRUMath(StepMath):
         W, U = params[0], params[1]
         b_in, b_rec = self._biases(params)
         H = self.units
-        xw = matmul(x, W)
+        xw = gate_matmul(x, W, self.in_gates)
         if b_in is not None:
             xw = xw + b_in
 
@@ -60,17 +68,17 @@ class GRUMath(StepMath):
             (h,) = s
             xz, xr, xh = xs[0][:, :H], xs[0][:, H : 2 * H], xs[0][:, 2 * H :]
             if self.reset_after:
-                q = matmul(h, U)
+                q = gate_matmul(h, U, self.rec_gates)
                 if b_rec is not None:
                     q = q + b_rec
             else:
-                q = matmul(h, U[:, : 2 * H])
+                q = gate_matmul(h, U[:, : 2 * H], self._rec_zr())
             z = act.apply(self.ract, xz + q[:, :H])
             r = act.apply(self.ract, xr + q[:, H : 2 * H])
             if self.reset_after:
                 rh = r * q[:, 2 * H :]
             else:
-                rh = matmul(r * h, U[:, 2 * H :])
+                rh = matmul(r * h * self._rec_h(), U[:, 2 * H :])
             n = act.apply(self.act, xh + rh)
             return [z * h + (1 - z) * n]
 
@@ -81,18 +89,18 @@ class GRUMath(StepMath):
         W, U = params[0], params[1]
         b_in, b_rec = self._biases(params)
         H = self.units
-        xw = matmul(x, W)
+        xw = gate_matmul(x, W, self.in_gates)
         if b_in is not None:
             xw = xw + b_in
         if self.reset_after:
-            q = matmul(s_prev, U)
+            q = gate_matmul(s_prev, U, self.rec_gates)
             if b_rec is not None:
                 q = q + b_rec
         else:
-            q = matmul(s_prev, U[:, : 2 * H])
+            q = gate_matmul(s_prev, U[:, : 2 * H], self._rec_zr())
         zz, zr = xw[..., :H] + q[..., :H], xw[..., H : 2 * H] + q[..., H : 2 * H]
         z, r = act.apply(self.ract, zz), act.apply(self.ract, zr)
-        qh = q[..., 2 * H :] if self.reset_after else matmul(r * s_prev, U[:, 2 * H :])
+        qh = q[..., 2 * H :] if self.reset_after else matmul(r * s_prev * self._rec_h(), U[:, 2 * H :])
         zn = xw[..., 2 * H :] + (r * qh if self.reset_after else qh)
         n = act.apply(self.act, zn)
         dz = act.derivative(self.ract, zz, z)
@@ -109,7 +117,7 @@ class GRUMath(StepMath):
         dz_pre = lam * (h_prev - n) * dz
         if self.reset_after:
             return dz_pre, dn_pre * qh * dr, dn_pre, None
-        dq = matmul(dn_pre, ops.transpose(U[:, 2 * H :]))
+        dq = matmul(dn_pre, ops.transpose(U[:, 2 * H :])) * self._rec_h()  # cotangent of h_{t-1} ⊙ m_h
         return dz_pre, dq * h_prev * dr, dn_pre, dq
 
     def residual(self, cache: tuple) -> Any:
@@ -120,22 +128,23 @@ class GRUMath(StepMath):
         H = self.units
         dz_pre, dr_pre, dn_pre, dq = self._dpre(cache, lam)
         if self.reset_after:
-            return matmul(ops.concatenate([dz_pre, dr_pre, dn_pre * r], axis=-1), ops.transpose(U))
-        return matmul(ops.concatenate([dz_pre, dr_pre], axis=-1), ops.transpose(U[:, : 2 * H])) + dq * r
+            return gate_matmul_t(ops.concatenate([dz_pre, dr_pre, dn_pre * r], axis=-1), U, self.rec_gates)
+        return gate_matmul_t(ops.concatenate([dz_pre, dr_pre], axis=-1), U[:, : 2 * H], self._rec_zr()) + dq * r
 
     def grads(self, params: list, x: Any, s_prev: Any, cache: tuple, lam: Any) -> tuple[Any, list]:
         W = params[0]
         r = cache[0][1]
         dz_pre, dr_pre, dn_pre, _ = self._dpre(cache, lam)
         d_in = ops.concatenate([dz_pre, dr_pre, dn_pre], axis=-1)
-        dx = matmul(d_in, ops.transpose(W))
-        dW = weight_grad(x, d_in)
+        dx = gate_matmul_t(d_in, W, self.in_gates)
+        dW = gate_weight_grad(x, d_in, self.in_gates)
         if self.reset_after:
             d_rec = ops.concatenate([dz_pre, dr_pre, dn_pre * r], axis=-1)
-            dU = weight_grad(s_prev, d_rec)
+            dU = gate_weight_grad(s_prev, d_rec, self.rec_gates)
         else:
             dU = ops.concatenate(
-                [weight_grad(s_prev, ops.concatenate([dz_pre, dr_pre], axis=-1)), weight_grad(r * s_prev, dn_pre)],
+                [gate_weight_grad(s_prev, ops.concatenate([dz_pre, dr_pre], axis=-1), self._rec_zr()),
+                 weight_grad(r * s_prev * self._rec_h(), dn_pre)],
                 axis=-1,
             )
         dparams = [dW, dU]

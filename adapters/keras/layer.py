@@ -21,7 +21,7 @@ from keras import ops
 
 from hwbptt.options import HighwayOptionsMixin
 
-from . import torch_kernels
+from . import gate_dropout, tf_kernels, torch_kernels
 from .gradient import highway_sequence
 from .gru import GRUMath
 from .lstm import LSTMMath
@@ -100,6 +100,10 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
                 f"residual is for user cells; {type(layer).__name__} has its own residual path, got residual={residual!r}"
             )
         self.layer = layer
+        if getattr(self, "_input_shape_arg", None) is None and getattr(layer, "_input_shape_arg", None) is not None:
+            # LSTM(..., input_shape=...) as a Sequential model's first layer: the model
+            # builds its Input from the first layer's input_shape, which is now this one.
+            self._input_shape_arg = layer._input_shape_arg
         self.supports_masking = True
         object.__setattr__(self, "last_diagnostics", None)
         self._check_supported()
@@ -108,13 +112,6 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
     def _check_supported(self) -> None:
         inner, cell = self.layer, self.layer.cell
         name = type(inner).__name__
-        if inner.stateful:
-            raise ValueError(f"HighwayRNN does not support stateful=True ({name}); carry the state with initial_state and return_state")
-        if getattr(cell, "recurrent_dropout", 0) and cell.recurrent_dropout > 0:
-            raise ValueError(
-                f"HighwayRNN does not support recurrent_dropout={cell.recurrent_dropout} ({name}): it changes the "
-                "recurrence at every step; use dropout on the inputs instead"
-            )
         if isinstance(cell, keras.layers.StackedRNNCells):
             raise ValueError("HighwayRNN does not support StackedRNNCells; wrap one recurrent layer per HighwayRNN")
         if isinstance(inner, keras.layers.ConvLSTM1D.__mro__[1]):  # the ConvLSTM base class
@@ -122,14 +119,16 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
         math = _analytic_math(cell)
         if math is not None:
             math(cell)  # refuses unknown activations
-            if getattr(cell, "implementation", 2) not in (1, 2):
-                raise ValueError(f"HighwayRNN: unknown implementation={cell.implementation} ({name})")
         else:
             sizes = cell.state_size if isinstance(cell.state_size, (list, tuple)) else [cell.state_size]
             if not all(isinstance(n, int) for n in sizes):
                 raise ValueError(f"HighwayRNN: user cells need integer state sizes, got state_size={cell.state_size!r}")
-            if getattr(cell, "dropout", 0):
-                raise ValueError(f"HighwayRNN does not support dropout inside a user cell ({type(cell).__name__})")
+            if getattr(cell, "dropout", 0) or getattr(cell, "recurrent_dropout", 0):
+                raise ValueError(
+                    f"HighwayRNN does not support dropout inside a user cell ({type(cell).__name__}): the cell is "
+                    "called once on all T·B rows, where a per-sequence mask has no place; apply keras.layers.Dropout "
+                    "to the inputs instead"
+                )
 
     # ------------------------------------------------------------ forwarding
     @property
@@ -147,6 +146,26 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
     @property
     def stateful(self) -> bool:
         return self.layer.stateful
+
+    @property
+    def states(self) -> Any:
+        """The wrapped layer's state variables (``stateful=True``), else ``None``."""
+        return self.layer.states
+
+    @property
+    def cell(self) -> Any:
+        return self.layer.cell
+
+    @property
+    def unroll(self) -> bool:
+        return self.layer.unroll
+
+    def reset_state(self) -> None:
+        """Zero the state variables of a ``stateful=True`` layer, as Keras does."""
+        self.layer.reset_state()
+
+    def reset_states(self) -> None:  # Keras' compatibility alias
+        self.reset_state()
 
     @property
     def zero_output_for_mask(self) -> bool:
@@ -192,16 +211,27 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
         x = ops.convert_to_tensor(sequences, dtype=self.compute_dtype)
         _check_sequences_shape(x.shape)
         batch = ops.shape(x)[0]
+        if inner.stateful:
+            expected = getattr(inner, "_expected_batch_size", None)
+            if expected is not None and x.shape[0] is not None and x.shape[0] != expected:
+                raise ValueError(
+                    "If an RNN is stateful, the batch size of the input sequences must be the same as the batch "
+                    f"size of the initial state. Expected batch size: {expected}, received batch size: {x.shape[0]}"
+                )
         if initial_state is None:
-            states = inner.get_initial_state(batch)
+            # A copy of the state variables: the call writes them back in place (_finish),
+            # which must not change a tensor the backward still needs (torch autograd).
+            states = [ops.copy(v.value) for v in inner.states] if inner.stateful else inner.get_initial_state(batch)
         else:
             states = list(initial_state) if isinstance(initial_state, (list, tuple)) else [initial_state]
-        states = [ops.cast(s, x.dtype) for s in states]
+        states = [ops.cast(ops.convert_to_tensor(s), x.dtype) for s in states]
         s0 = ops.concatenate(states, axis=-1) if len(states) > 1 else states[0]
 
-        if training and getattr(cell, "dropout", 0) > 0:  # one mask per sequence, as the cell draws it
-            drop = keras.random.dropout(ops.ones_like(x[:, 0]), rate=cell.dropout, seed=cell.seed_generator)
-            x = x * drop[:, None, :]
+        # Dropout masks as the wrapped layer draws them (one per sequence, the same seed stream).
+        in_mask, in_gates, rec_gates = gate_dropout.draw(cell, x[:, 0], states[0], training)
+        if in_mask is not None:
+            x = x * ops.expand_dims(ops.cast(in_mask, x.dtype), 1)
+        gate_masks = None if in_gates is None and rec_gates is None else (in_gates, rec_gates)
         x_tm = ops.transpose(x, (1, 0, 2))
         m_tm = None
         if mask is not None:
@@ -216,14 +246,19 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
             m_tm = None if m_tm is None else ops.flip(m_tm, axis=0)
 
         report = lambda d: object.__setattr__(self, "last_diagnostics", d)
-        if torch_kernels.applies(cell, x_tm, m_tm):
+        if torch_kernels.applies(cell, x_tm, m_tm, gate_masks):
             out, final = torch_kernels.run(cell, self._params(x.dtype), x_tm, states, options, report)
-            output = ops.transpose(out, (1, 0, 2)) if inner.return_sequences else out[-1]
-            return (output, *final) if inner.return_state else output
+            return self._finish(out, final)
+        if tf_kernels.applies(cell, x_tm, m_tm, gate_masks, options):
+            out, final = tf_kernels.run(cell, self._params(x.dtype), x_tm, states, options)
+            return self._finish(out, final)
 
         exact = options.iterations is None and options.tol is None
         split = "step" if (exact or m_tm is not None) else options.split
         math = self._make_math(split, training)
+        if gate_masks is not None:
+            math.in_gates = None if in_gates is None else ops.cast(in_gates, x.dtype)
+            math.rec_gates = None if rec_gates is None else ops.cast(rec_gates, x.dtype)
         seq = highway_sequence(math, options, x_tm, s0, self._params(x.dtype), m_tm, report)
 
         width = sum(math.state_sizes)
@@ -237,15 +272,22 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
                 out = ops.where(seen, out, ops.zeros_like(out))
         if m_tm is not None and inner.zero_output_for_mask:
             out = ops.where(m_tm, out, ops.zeros_like(out))
-
-        output = ops.transpose(out, (1, 0, 2)) if inner.return_sequences else out[-1]
-        if not inner.return_state:
-            return output
         final, start = [], 0
         for n in math.state_sizes:
             final.append(s_seq[-1][:, start : start + n])
             start += n
-        return (output, *final)
+        return self._finish(out, final)
+
+    def _finish(self, out: Any, final: list) -> Any:
+        """The wrapped layer's return value from the time-major outputs and the final
+        states; a stateful layer keeps the final states for its next call (no gradient
+        crosses between calls, as in Keras)."""
+        inner = self.layer
+        if inner.stateful:
+            for variable, value in zip(inner.states, final):
+                variable.assign(ops.cast(ops.stop_gradient(value), variable.dtype))
+        output = ops.transpose(out, (1, 0, 2)) if inner.return_sequences else out[-1]
+        return (output, *final) if inner.return_state else output
 
     # ------------------------------------------------------------ serialisation
     def get_config(self) -> dict:

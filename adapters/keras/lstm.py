@@ -32,8 +32,8 @@ from typing import Any
 from keras import ops
 
 from . import activations as act
-from .backend_ops import matmul
-from .steps import StepMath, scan_states, weight_grad
+from .gate_dropout import gate_matmul, gate_matmul_t, gate_weight_grad
+from .steps import StepMath, scan_states
 
 __all__ = ["LSTMMath"]
 
@@ -50,12 +50,12 @@ class LSTMMath(StepMath):
     # --------------------------------------------------------------- forward
     def forward(self, params: list, x: Any, s0: list, mask: Any) -> Any:
         W, U = params[0], params[1]
-        xw = matmul(x, W)
+        xw = gate_matmul(x, W, self.in_gates)
         H = self.units
 
         def step(s, xs):
             h, c = s
-            z = xs[0] + matmul(h, U)
+            z = xs[0] + gate_matmul(h, U, self.rec_gates)
             if self.use_bias:
                 z = z + params[2]
             i = act.apply(self.ract, z[:, :H])
@@ -72,7 +72,7 @@ class LSTMMath(StepMath):
         W, U = params[0], params[1]
         H = self.units
         h_prev, c_prev, c = s_prev[..., :H], s_prev[..., H:], s[..., H:]
-        z = matmul(x, W) + matmul(h_prev, U)
+        z = gate_matmul(x, W, self.in_gates) + gate_matmul(h_prev, U, self.rec_gates)
         if self.use_bias:
             z = z + params[2]
         zi, zf, zg, zo = z[..., :H], z[..., H : 2 * H], z[..., 2 * H : 3 * H], z[..., 3 * H :]
@@ -102,7 +102,7 @@ class LSTMMath(StepMath):
         (f, o, dtc), (U,) = (cache[0][1], cache[0][3], cache[0][10]), cache[1]
         H = self.units
         dpre, _ = self._dpre(cache, lam)
-        to_h = matmul(dpre, ops.transpose(U))
+        to_h = gate_matmul_t(dpre, U, self.rec_gates)
         if self.split == "gates":
             to_c = ops.zeros_like(f)
         else:
@@ -112,7 +112,7 @@ class LSTMMath(StepMath):
     def prev(self, cache: tuple, lam: Any, split: str | None = None) -> Any:
         f, (U,) = cache[0][1], cache[1]
         dpre, dc = self._dpre(cache, lam, split)
-        return ops.concatenate([matmul(dpre, ops.transpose(U)), dc * f], axis=-1)
+        return ops.concatenate([gate_matmul_t(dpre, U, self.rec_gates), dc * f], axis=-1)
 
     def step_prev(self, cache: tuple, lam: Any) -> Any:
         return self.prev(cache, lam, split="step")
@@ -128,8 +128,8 @@ class LSTMMath(StepMath):
     def grads(self, params: list, x: Any, s_prev: Any, cache: tuple, lam: Any) -> tuple[Any, list]:
         W, U = params[0], params[1]
         dpre, _ = self._dpre(cache, lam)
-        dx = matmul(dpre, ops.transpose(W))
-        dparams = [weight_grad(x, dpre), weight_grad(s_prev[..., : self.units], dpre)]
+        dx = gate_matmul_t(dpre, W, self.in_gates)
+        dparams = [gate_weight_grad(x, dpre, self.in_gates), gate_weight_grad(s_prev[..., : self.units], dpre, self.rec_gates)]
         if self.use_bias:
             dparams.append(ops.sum(dpre, axis=(0, 1)))
         return dx, dparams

@@ -13,6 +13,7 @@ from keras import ops
 
 from . import activations as act
 from .backend_ops import matmul
+from .gate_dropout import gate_matmul, gate_matmul_t, gate_weight_grad
 from .steps import StepMath, scan_states, weight_grad
 
 __all__ = ["SimpleRNNMath"]
@@ -32,7 +33,7 @@ class SimpleRNNMath(StepMath):
             xw = xw + params[2]
 
         def step(s, xs):
-            return [act.apply(self.act, xs[0] + matmul(s[0], U))]
+            return [act.apply(self.act, xs[0] + gate_matmul(s[0], U, self.rec_gates))]
 
         return scan_states(step, s0, (xw,), mask)
 
@@ -41,21 +42,21 @@ class SimpleRNNMath(StepMath):
         pre = matmul(x, W)
         if self.use_bias:
             pre = pre + params[2]
-        pre = pre + matmul(s_prev, U)
+        pre = pre + gate_matmul(s_prev, U, self.rec_gates)
         return (act.derivative(self.act, pre, s),), (U,)
 
     def residual(self, cache: tuple) -> Any:
         return ops.zeros_like(cache[0][0])
 
     def block(self, cache: tuple, lam: Any) -> Any:
-        return matmul(lam * cache[0][0], ops.transpose(cache[1][0]))
+        return gate_matmul_t(lam * cache[0][0], cache[1][0], self.rec_gates)
 
     def prev(self, cache: tuple, lam: Any) -> Any:
         return self.block(cache, lam)
 
     def grads(self, params: list, x: Any, s_prev: Any, cache: tuple, lam: Any) -> tuple[Any, list]:
         dpre = lam * cache[0][0]
-        dparams = [weight_grad(x, dpre), weight_grad(s_prev, dpre)]
+        dparams = [weight_grad(x, dpre), gate_weight_grad(s_prev, dpre, self.rec_gates)]
         if self.use_bias:
             dparams.append(ops.sum(dpre, axis=(0, 1)))
         return matmul(dpre, ops.transpose(params[0])), dparams

@@ -34,6 +34,10 @@ class StepMath:
     """Base class: the identity ``fold`` and ``prev = block + K λ``."""
 
     state_sizes: Sequence[int] = ()
+    # Per-gate dropout masks (``gate_dropout``): (B, G, D) on the input, (B, G, H) on
+    # h_{t-1}, or None. Set by the layer for one call.
+    in_gates: Any = None
+    rec_gates: Any = None
 
     def fold(self, cache: tuple, b: Any) -> Any:
         return b

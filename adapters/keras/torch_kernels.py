@@ -28,6 +28,8 @@ import keras
 
 from hwbptt.options import Diagnostics, HighwayOptions
 
+from .switch import switch
+
 __all__ = ["applies", "run", "use"]
 
 _state = {"enabled": True}
@@ -35,8 +37,6 @@ _state = {"enabled": True}
 
 def use(on: bool) -> contextlib.AbstractContextManager[None]:
     """Switch this route on or off within a block (for comparisons with ``keras.ops``)."""
-    from hwbptt.torch.dispatch import switch  # imports torch, which only this backend has
-
     return switch(_state, on, "use")
 
 
@@ -45,9 +45,10 @@ def _activations_are_default(cell: Any) -> bool:
     return act is keras.activations.tanh and ract is keras.activations.sigmoid
 
 
-def applies(cell: Any, x: Any, mask: Any) -> bool:
-    """Whether ``run`` takes this cell and time-major input without a mask."""
-    if not _state["enabled"] or mask is not None or keras.backend.backend() != "torch":
+def applies(cell: Any, x: Any, mask: Any, gate_masks: Any = None) -> bool:
+    """Whether ``run`` takes this cell and time-major input without a mask (nor
+    per-gate dropout masks: recurrent dropout, or input dropout with implementation 1)."""
+    if not _state["enabled"] or mask is not None or gate_masks is not None or keras.backend.backend() != "torch":
         return False
     if str(x.dtype).replace("torch.", "") not in ("float32", "float64"):
         return False

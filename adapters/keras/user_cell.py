@@ -24,6 +24,7 @@ independently. An output ``y_t`` that is not the state adds the constant
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 from keras import ops
@@ -44,6 +45,15 @@ def check_residual(residual: Any) -> Any:
         "residual must be None, 'identity', 'none' or a callable (x_t, states_prev, states_new) -> multipliers, "
         f"got residual={residual!r}"
     )
+
+
+def _autocast(cell: Any) -> Any:
+    """The autocast scope ``cell.__call__`` would open (none for a plain policy)."""
+    if getattr(cell, "autocast", True) and cell.compute_dtype != cell.variable_dtype:
+        from keras.src.backend import AutocastScope  # not in Keras' public API (3.15)
+
+        return AutocastScope(cell.compute_dtype)
+    return contextlib.nullcontext()
 
 
 def _rows(a: Any) -> Any:
@@ -73,8 +83,14 @@ class UserCellMath:
         self.non_trainable = [ops.convert_to_tensor(v) for v in cell.non_trainable_variables]
 
     def call(self, params: list, x: Any, states: list) -> list:
-        """``[y_t, s^1_t, ..., s^n_t]`` from the cell, with the weights ``params``."""
-        (y, new), _ = self.cell.stateless_call(list(params), self.non_trainable, x, list(states), **self.kwargs)
+        """``[y_t, s^1_t, ..., s^n_t]`` from the cell, with the weights ``params``.
+
+        ``stateless_call`` runs the cell's ``call`` without the autocast scope that
+        ``Layer.__call__`` opens under a mixed policy (``mixed_float16``): the backward,
+        which runs outside any layer call, would read the float32 variables and mix
+        float32 with the float16 states. The cell's own scope is opened here."""
+        with _autocast(self.cell):
+            (y, new), _ = self.cell.stateless_call(list(params), self.non_trainable, x, list(states), **self.kwargs)
         new = list(new) if isinstance(new, (list, tuple)) else [new]
         return [y, *new]
 
