@@ -572,20 +572,7 @@ base.build((B, T, H))
 layers = {"bptt": base}
 for k in cfg["ks"]:
     layers["k=" + ("exact" if k is None else str(k))] = HighwayRNN(base, iterations=k)
-if backend == "tensorflow":
-    import tensorflow as tf
-    x, p = tf.constant(x_np), tf.constant(p_np)
-    def make(layer):
-        @tf.function
-        def step():
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(layer(x, training=True) * p)
-            return tape.gradient(loss, base.trainable_variables)
-        return step
-    def run(step):
-        t0 = time.perf_counter(); g = step(); _ = [v.numpy() for v in g]; return time.perf_counter() - t0, g
-    flat = lambda g: np.concatenate([np.asarray(v).ravel() for v in g])
-elif backend == "torch":
+if backend == "torch":  # keras-tf runs in programs/bench_keras.py
     import torch
     x, p = torch.tensor(x_np), torch.tensor(p_np)
     vars_ = [v.value for v in base.trainable_variables]
@@ -623,7 +610,8 @@ print("HWBPTT_JSON " + json.dumps(out))
 
 
 def run_keras_suite(suite: str, T: int, B: int, H: int, ks: list[int | None], repeats: int, warmup: int) -> tuple[list[dict], str | None]:
-    backend = "tensorflow" if suite == "keras-tf" else "torch"
+    """The keras-torch suite in a subprocess (keras-tf: ``programs/bench_keras.py``)."""
+    backend = "torch"
     cfg = {"backend": backend, "T": T, "B": B, "H": H, "ks": ks, "repeats": repeats, "warmup": warmup}
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
     try:
@@ -770,8 +758,7 @@ def main(argv: list[str] | None = None) -> int:
             krows, knotes = main_rows(quick, args.repeats)
             rows, notes = rows + krows, notes + knotes
             continue
-        T = (256 if quick else 1024) if suite == "keras-tf" else (64 if quick else 1024)
-        ks = [1, 3] if suite == "keras-tf" else [None, 3]
+        T, ks = (64 if quick else 1024), [None, 3]  # keras-torch (keras-tf continued above)
         print(f"{suite}: T={T}, B=32, H=128, k={ks} in a subprocess ...", file=sys.stderr)
         krows, note = run_keras_suite(suite, T, 32, 128, ks, repeats=1 if quick else max(1, min(repeats, 2)), warmup=1)
         rows += krows
