@@ -1,0 +1,376 @@
+"""One recurrent layer and direction as registered operators (``torch.ops.hwbptt.*``).
+
+Why operators: ``torch.compile`` (Dynamo, AOTAutograd) and ``torch.func`` see a registered
+operator as one opaque call with a schema and a fake (meta) implementation, whatever
+runs inside it (the C kernels, ctypes, a lock, the workspace pool). Four operators:
+
+- ``lstm_forward(x, h0, c0, flat, lengths, has_bias, has_proj, cast)`` ->
+  ``(y, c_last, gates, c, tanh_c, gain)``; ``gru_forward(x, h0, flat, has_bias, cast)`` ->
+  ``(y, gates, gh)``. The fused forward of one layer and direction, plus what the backward
+  needs besides the inputs: where ``reserve`` takes the tensors, the kept gates
+  ((T+1, B, G·H), the last row zero) and the LSTM's cell-state tensors (T, B, H) each;
+  elsewhere empty (0,) placeholders, and the backward rebuilds them from ``y``.
+- ``lstm_backward(...)``/``gru_backward(...)`` -> the gradients the ``needs`` mask asks for,
+  in input order (x, h0[, c0], *flat): Highway-BP, or for ``iterations=-1`` and no ``tol``
+  the exact adjoint (``reserve``'s C loop where it runs), on the tape rebuilt from those
+  tensors.
+
+Non-tensor state cannot go through a schema: the options travel as ints, floats and
+strings (``option_args``), and the diagnostics as an int ``handle`` into ``_SINKS``
+(``open_sink``), written by the backward at run time, in eager mode and in a compiled
+graph alike.
+
+The fake implementations call the same decision (``reserve.supports`` on the fake
+tensors' dtype and device) as the kernels, so the two agree on the placeholder shapes;
+the switch ``reserve.use(False)`` is read when a graph is traced, so toggling it for an
+already compiled model needs ``torch._dynamo.reset()``.
+
+Autocast: inside the operators autocast is off (in a compiled graph it would be anyway),
+and the forward casts its floating inputs (not float64) to ``cast``, the autocast dtype
+the caller passes where the parent's kernel runs in it (``autocast_dtype``): the same
+precision as the parent, from the same cast, in eager mode and compiled.
+
+vmap: each operator has a batching rule that runs it once per index of the vmapped
+dimension and stacks the results (per-sample semantics: the Highway estimate of each
+sample is the one it gets alone). Weight gradients are sums over the batch, so the
+vmapped dimension cannot be folded into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, _VF
+
+from hwbptt import Diagnostics, HighwayOptions
+
+from . import reserve, workspace
+from .gru_math import FastGRUTape, GRUWeights, make_gru_tape
+from .lstm_math import FastLSTMTape, LSTMWeights, make_lstm_tape
+
+__all__ = [
+    "open_sink", "close_sink", "sink_of", "SinkLease", "option_args", "autocast_dtype", "at_lengths",
+    "WEIGHT_NAMES", "flat_names",
+]
+
+WEIGHT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+
+
+def flat_names(has_bias: bool, has_proj: bool) -> tuple[str, ...]:
+    """The names of one layer's flat weights, in ``nn.LSTM``/``nn.GRU`` order."""
+    return ("w_ih", "w_hh") + (("b_ih", "b_hh") if has_bias else ()) + (("w_hr",) if has_proj else ())
+
+
+def at_lengths(seq: Tensor, lengths: Tensor | None) -> Tensor:
+    """``seq[length_b - 1, b]`` for every batch row ``b`` (the last valid step)."""
+    if lengths is None:
+        return seq[-1]
+    return seq[lengths - 1, torch.arange(seq.shape[1], device=seq.device)]
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+# handle -> an object taking ``sink[key] = Diagnostics`` (a module's dict, a Keras report).
+_SINKS: dict[int, Any] = {}
+_HANDLES = itertools.count(1)
+
+
+def open_sink(sink: Any) -> int:
+    """A new handle (> 0) under which the backward operators store diagnostics into ``sink``."""
+    handle = next(_HANDLES)
+    _SINKS[handle] = sink
+    return handle
+
+
+def close_sink(handle: int) -> None:
+    _SINKS.pop(handle, None)
+
+
+def sink_of(handle: int) -> Any:
+    return _SINKS.get(handle)
+
+
+class SinkLease:
+    """Holds a handle for a sink that belongs to no module (``lstm_layer(..., sink=...)``):
+    kept by the autograd graph (the Function's context), it closes the handle when the
+    graph is freed."""
+
+    def __init__(self, sink: Any):
+        self.handle = open_sink(sink)
+
+    def __del__(self) -> None:
+        close_sink(self.handle)
+
+
+def _store(handle: int, key: list[int], diagnostics: Diagnostics) -> None:
+    sink = _SINKS.get(handle)
+    if sink is not None:
+        sink[tuple(key) if len(key) > 1 else key[0]] = diagnostics
+
+
+# ----------------------------------------------------------------------------- options
+
+_DIAGNOSTICS = {False: "off", True: "on", "debug": "debug"}
+_DIAGNOSTICS_BACK = {v: k for k, v in _DIAGNOSTICS.items()}
+
+
+def option_args(options: HighwayOptions | None) -> tuple[int, float | None, float, str, str]:
+    """``(iterations, tol, gamma, split, diagnostics)`` for an operator: ``iterations=-1``
+    is ``None``; ``options=None`` is the exact gradient."""
+    if options is None:
+        return (-1, None, 0.0, "gates", "off")
+    iterations = -1 if options.iterations is None else int(options.iterations)
+    tol = None if options.tol is None else float(options.tol)
+    return (iterations, tol, float(options.gamma), options.split, _DIAGNOSTICS[options.diagnostics])
+
+
+def _options(iterations: int, tol: float | None, gamma: float, split: str, diagnostics: str) -> HighwayOptions:
+    return HighwayOptions(iterations=None if iterations < 0 else iterations, tol=tol, gamma=gamma, split=split,
+                          diagnostics=_DIAGNOSTICS_BACK[diagnostics])
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+def autocast_dtype(x: Tensor, kind: str) -> torch.dtype | None:
+    """The dtype the parent's kernel runs in under the current autocast, or ``None``.
+
+    Autocast's CPU list holds oneDNN's LSTM layer, not the GRU; on CUDA the cuDNN RNN
+    (both). Float64 tensors are never cast (``_cast``)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    if device == "cpu" and kind == "gru":
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _cast(dtype: torch.dtype | None, *tensors: Tensor) -> list[Tensor]:
+    """What autocast does to a kernel's inputs: floating tensors other than float64 to ``dtype``."""
+    if dtype is None:
+        return list(tensors)
+    return [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
+
+
+@contextlib.contextmanager
+def _kernel_context(like: Tensor):
+    """No autograd graph and no autocast inside an operator (see the module docstring)."""
+    with torch.no_grad(), torch.autocast(like.device.type, enabled=False):
+        yield
+
+
+# ----------------------------------------------------------------------------- tapes from kept tensors
+
+
+def _kept(t: Tensor) -> bool:
+    return t.dim() != 1  # the forward's placeholder for "not kept" is (0,)
+
+
+def _lstm_tape(x, y, h0, c0, w: LSTMWeights, gates, c, tanh_c, gain):
+    """The LSTM tape on the tensors the forward kept, else rebuilt from ``y``.
+
+    The kept case does what ``FastLSTMTape.from_reserve`` does after its kernel call (the
+    forward ran that kernel in another operator call)."""
+    if not _kept(gates):
+        return make_lstm_tape(x, y, h0, c0, w)
+    tape = FastLSTMTape.__new__(FastLSTMTape)
+    tape.x, tape.y, tape.h0, tape.c0, tape.w = x, y, h0, c0, w
+    tape._x2 = x.reshape(x.shape[0] * x.shape[1], -1)
+    tape._adopt(gates, c, tanh_c, gain)
+    return tape
+
+
+def _gru_tape(x, y, h0, w: GRUWeights, gates, gh):
+    """As ``_lstm_tape``, after ``FastGRUTape.from_reserve``."""
+    if not _kept(gates):
+        return make_gru_tape(x, y, h0, w)
+    tape = FastGRUTape.__new__(FastGRUTape)
+    tape.x, tape.y, tape.h0, tape.w = x, y, h0, w
+    tape._x2 = x.reshape(x.shape[0] * x.shape[1], -1)
+    tape._adopt(gates, gh)
+    return tape
+
+
+def _last_step_gradient(like: Tensor, grad_last: Tensor, lengths: Tensor | None) -> Tensor:
+    """ℓ for a state read only at the last valid step: zeros with ``grad_last`` placed there."""
+    local = workspace.empty(like.shape, like).zero_()
+    if lengths is None:
+        local[-1] = grad_last
+    else:
+        local[lengths - 1, torch.arange(like.shape[1], device=like.device)] = grad_last
+    return local
+
+
+def _grads_out(grads: dict, names: tuple[str, ...], inputs: tuple[Tensor, ...], needs: list[bool]) -> list[Tensor]:
+    """The requested gradients in input order, each in its input's dtype and contiguous
+    (what the fake implementation promises)."""
+    out = []
+    for name, inp, need in zip(names, inputs, needs):
+        if need:
+            g = grads[name]
+            out.append(torch.zeros_like(inp) if g is None else g.to(inp.dtype).contiguous())
+    return out
+
+
+def _grads_fake(inputs: tuple[Tensor, ...], needs: list[bool]) -> list[Tensor]:
+    return [inp.new_empty(inp.shape) for inp, need in zip(inputs, needs) if need]
+
+
+def _check_needs(needs: list[bool], n: int) -> None:
+    if len(needs) != n:
+        raise ValueError(f"needs must have one flag per differentiable input ({n}), got needs={needs!r}")
+
+
+# ----------------------------------------------------------------------------- LSTM
+
+
+def _lstm_keeps(x: Tensor, h0: Tensor, c0: Tensor, flat: list[Tensor], has_proj: bool) -> bool:
+    return not has_proj and reserve.supports(x, h0, c0, *flat)
+
+
+@torch.library.custom_op("hwbptt::lstm_forward", mutates_args=())
+def _lstm_forward(
+    x: Tensor, h0: Tensor, c0: Tensor, flat: list[Tensor], lengths: Tensor | None, has_bias: bool, has_proj: bool,
+    cast: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``x`` (T, B, I), ``h0`` (B, P), ``c0`` (B, H), ``lengths`` (B,) or None ->
+    ``y`` (T, B, P), ``c_last`` (B, H) at each row's last valid step, and the kept tensors."""
+    with _kernel_context(x):
+        x, h0, c0, *flat = _cast(cast, x, h0, c0, *flat)
+        if _lstm_keeps(x, h0, c0, flat, has_proj):
+            bias = flat[2] + flat[3] if has_bias else None
+            gates, y, c, tanh_c, gain = reserve.lstm_forward(x, h0, c0, flat[0], flat[1], bias)
+            return y, at_lengths(c, lengths).clone(), gates, c, tanh_c, gain
+        y, _, c_n = _VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), flat, has_bias, 1, 0.0, False, False, False)
+        if lengths is None:
+            c_last = c_n[0]
+        else:  # the fused kernel's c_n is after the padding; the tape has every c_t
+            c_last = at_lengths(make_lstm_tape(x, y, h0, c0, LSTMWeights.from_flat(flat, has_bias, has_proj)).c, lengths)
+        return (y, c_last.contiguous(), *(x.new_empty(0) for _ in range(4)))
+
+
+@_lstm_forward.register_fake
+def _(x, h0, c0, flat, lengths, has_bias, has_proj, cast):
+    with _kernel_context(x):
+        x, h0, c0, *flat = _cast(cast, x, h0, c0, *flat)
+        keeps = _lstm_keeps(x, h0, c0, flat, has_proj)
+    T, B = x.shape[:2]
+    H, P = c0.shape[-1], flat[1].shape[1]
+    y, c_last = x.new_empty((T, B, P)), x.new_empty((B, H))
+    if keeps:
+        return y, c_last, x.new_empty((T + 1, B, 4 * H)), *(x.new_empty((T, B, H)) for _ in range(3))
+    return (y, c_last, *(x.new_empty(0) for _ in range(4)))
+
+
+@torch.library.custom_op("hwbptt::lstm_backward", mutates_args=())
+def _lstm_backward(
+    grad_y: Tensor, grad_c_last: Tensor, x: Tensor, y: Tensor, h0: Tensor, c0: Tensor, flat: list[Tensor],
+    gates: Tensor, c: Tensor, tanh_c: Tensor, gain: Tensor, lengths: Tensor | None, has_bias: bool, has_proj: bool,
+    iterations: int, tol: float | None, gamma: float, split: str, diagnostics: str, handle: int, key: list[int],
+    needs: list[bool],
+) -> list[Tensor]:
+    """The gradients of ``(x, h0, c0, *flat)`` that ``needs`` asks for, from ``grad_y``
+    (T, B, P) and ``grad_c_last`` (B, H); stores the diagnostics under ``handle``/``key``."""
+    names = ("x", "h0", "c0") + flat_names(has_bias, has_proj)
+    inputs = (x, h0, c0, *flat)
+    _check_needs(needs, len(inputs))
+    with _kernel_context(x):
+        tape = _lstm_tape(x, y, h0, c0, LSTMWeights.from_flat(flat, has_bias, has_proj), gates, c, tanh_c, gain)
+        lc = _last_step_gradient(tape.c, grad_c_last, lengths)
+        dc, wh, diag = tape.highway(grad_y, lc, _options(iterations, tol, gamma, split, diagnostics))
+        _store(handle, key, diag)
+        want = dict.fromkeys(WEIGHT_NAMES, False) | dict(zip(names, needs))
+        return _grads_out(tape.input_grads(dc, wh, want), names, inputs, needs)
+
+
+@_lstm_backward.register_fake
+def _(grad_y, grad_c_last, x, y, h0, c0, flat, gates, c, tanh_c, gain, lengths, has_bias, has_proj, iterations, tol,
+      gamma, split, diagnostics, handle, key, needs):
+    return _grads_fake((x, h0, c0, *flat), needs)
+
+
+# ----------------------------------------------------------------------------- GRU
+
+
+@torch.library.custom_op("hwbptt::gru_forward", mutates_args=())
+def _gru_forward(x: Tensor, h0: Tensor, flat: list[Tensor], has_bias: bool, cast: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` (T, B, I), ``h0`` (B, H) -> ``y`` (T, B, H) and the kept ``gates``, ``gh``."""
+    with _kernel_context(x):
+        x, h0, *flat = _cast(cast, x, h0, *flat)
+        if reserve.supports(x, h0, *flat):
+            w = GRUWeights.from_flat(flat, has_bias)
+            gates, gh, y = reserve.gru_forward(x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh)
+            return y, gates, gh
+        y, _ = _VF.gru(x, h0.unsqueeze(0), flat, has_bias, 1, 0.0, False, False, False)
+        return y, x.new_empty(0), x.new_empty(0)
+
+
+@_gru_forward.register_fake
+def _(x, h0, flat, has_bias, cast):
+    with _kernel_context(x):
+        x, h0, *flat = _cast(cast, x, h0, *flat)
+        keeps = reserve.supports(x, h0, *flat)
+    T, B = x.shape[:2]
+    H = h0.shape[-1]
+    y = x.new_empty((T, B, H))
+    if keeps:
+        return y, x.new_empty((T + 1, B, 3 * H)), x.new_empty((T, B, 3 * H))
+    return y, x.new_empty(0), x.new_empty(0)
+
+
+@torch.library.custom_op("hwbptt::gru_backward", mutates_args=())
+def _gru_backward(
+    grad_y: Tensor, x: Tensor, y: Tensor, h0: Tensor, flat: list[Tensor], gates: Tensor, gh: Tensor, has_bias: bool,
+    iterations: int, tol: float | None, gamma: float, split: str, diagnostics: str, handle: int, key: list[int],
+    needs: list[bool],
+) -> list[Tensor]:
+    """The gradients of ``(x, h0, *flat)`` that ``needs`` asks for, from ``grad_y`` (T, B, H)."""
+    names = ("x", "h0") + flat_names(has_bias, False)
+    inputs = (x, h0, *flat)
+    _check_needs(needs, len(inputs))
+    with _kernel_context(x):
+        tape = _gru_tape(x, y, h0, GRUWeights.from_flat(flat, has_bias), gates, gh)
+        w, diag = tape.highway(grad_y, _options(iterations, tol, gamma, split, diagnostics))
+        _store(handle, key, diag)
+        want = dict.fromkeys(WEIGHT_NAMES, False) | dict(zip(names, needs))
+        return _grads_out(tape.input_grads(w, want), names, inputs, needs)
+
+
+@_gru_backward.register_fake
+def _(grad_y, x, y, h0, flat, gates, gh, has_bias, iterations, tol, gamma, split, diagnostics, handle, key, needs):
+    return _grads_fake((x, h0, *flat), needs)
+
+
+# ----------------------------------------------------------------------------- vmap
+
+
+def _per_sample_rule(op: Callable) -> Callable:
+    """A batching rule: ``op`` once per index of the vmapped dimension, results stacked
+    along a new leading dimension. Slices are made contiguous: the kernels read raw
+    memory."""
+
+    def take(arg: Any, dim: Any, i: int) -> Any:
+        if dim is None:
+            return arg
+        if isinstance(arg, (list, tuple)):
+            return [take(a, d, i) for a, d in zip(arg, dim)]
+        return arg.select(dim, i).contiguous()
+
+    def rule(info, in_dims, *args):
+        n = info.batch_size
+        if n == 0:
+            raise ValueError(f"{op}: vmap over a dimension of size 0 is not supported")
+        results = [op(*(take(a, d, i) for a, d in zip(args, in_dims))) for i in range(n)]
+        stacked = [torch.stack(parts) for parts in zip(*results)]
+        if isinstance(results[0], tuple):
+            return tuple(stacked), (0,) * len(stacked)
+        return stacked, [0] * len(stacked)
+
+    return rule
+
+
+for _op in (_lstm_forward, _lstm_backward, _gru_forward, _gru_backward):
+    _op.register_vmap(_per_sample_rule(_op))
