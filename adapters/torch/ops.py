@@ -141,7 +141,7 @@ def autocast_dtype(x: Tensor, kind: str) -> torch.dtype | None:
     Autocast's CPU list holds oneDNN's LSTM layer, not the GRU; on CUDA the cuDNN RNN
     (both). Float64 tensors are never cast (``_cast``)."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return None
     if device == "cpu" and kind == "gru":
         return None
@@ -158,7 +158,9 @@ def _cast(dtype: torch.dtype | None, *tensors: Tensor) -> list[Tensor]:
 @contextlib.contextmanager
 def _kernel_context(like: Tensor):
     """No autograd graph and no autocast inside an operator (see the module docstring)."""
-    with torch.no_grad(), torch.autocast(like.device.type, enabled=False):
+    device = like.device.type
+    off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    with torch.no_grad(), off:
         yield
 
 
@@ -219,6 +221,19 @@ def _grads_fake(inputs: tuple[Tensor, ...], needs: list[bool]) -> list[Tensor]:
     return [inp.new_empty(inp.shape) for inp, need in zip(inputs, needs) if need]
 
 
+def _check_devices(x: Tensor, states: tuple[Tensor, ...], flat: list[Tensor]) -> None:
+    """The parent kernel's device checks, with its messages, before any kernel runs (a
+    ``meta`` tensor would otherwise reach the fake implementation and pass)."""
+    for h in states:
+        if h.device != x.device:
+            raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at {x.device} "
+                               f"and hidden tensor at {h.device}")
+    for p in flat:
+        if p.device != x.device:
+            raise RuntimeError(f"Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{x.device} and parameter tensor at {p.device}")
+
+
 def _check_needs(needs: list[bool], n: int) -> None:
     if len(needs) != n:
         raise ValueError(f"needs must have one flag per differentiable input ({n}), got needs={needs!r}")
@@ -238,6 +253,7 @@ def _lstm_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``x`` (T, B, I), ``h0`` (B, P), ``c0`` (B, H), ``lengths`` (B,) or None ->
     ``y`` (T, B, P), ``c_last`` (B, H) at each row's last valid step, and the kept tensors."""
+    _check_devices(x, (h0, c0), flat)
     with _kernel_context(x):
         x, h0, c0, *flat = _cast(cast, x, h0, c0, *flat)
         if _lstm_keeps(x, h0, c0, flat, has_proj):
@@ -254,6 +270,7 @@ def _lstm_forward(
 
 @_lstm_forward.register_fake
 def _(x, h0, c0, flat, lengths, has_bias, has_proj, cast):
+    _check_devices(x, (h0, c0), flat)
     with _kernel_context(x):
         x, h0, c0, *flat = _cast(cast, x, h0, c0, *flat)
         keeps = _lstm_keeps(x, h0, c0, flat, has_proj)
@@ -298,6 +315,7 @@ def _(grad_y, grad_c_last, x, y, h0, c0, flat, gates, c, tanh_c, gain, lengths, 
 @torch.library.custom_op("hwbptt::gru_forward", mutates_args=())
 def _gru_forward(x: Tensor, h0: Tensor, flat: list[Tensor], has_bias: bool, cast: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
     """``x`` (T, B, I), ``h0`` (B, H) -> ``y`` (T, B, H) and the kept ``gates``, ``gh``."""
+    _check_devices(x, (h0,), flat)
     with _kernel_context(x):
         x, h0, *flat = _cast(cast, x, h0, *flat)
         if reserve.supports(x, h0, *flat):
@@ -310,6 +328,7 @@ def _gru_forward(x: Tensor, h0: Tensor, flat: list[Tensor], has_bias: bool, cast
 
 @_gru_forward.register_fake
 def _(x, h0, flat, has_bias, cast):
+    _check_devices(x, (h0,), flat)
     with _kernel_context(x):
         x, h0, *flat = _cast(cast, x, h0, *flat)
         keeps = reserve.supports(x, h0, *flat)

@@ -104,7 +104,7 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
         return ops.sink_of(self._diagnostics_handle)
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # RNNBase drops its weight references
         state.pop("_diagnostics_handle", None)
         return state
 
@@ -167,6 +167,14 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
         )
 
     def forward(self, input, hx=None):
+        if torch.compiler.is_compiling():
+            return self._forward(input, hx)
+        # Run eagerly, nested frames included: Dynamo refuses any nn.LSTM/nn.GRU instance
+        # (this one too) unless torch._dynamo.config.allow_rnn is set, and it would then
+        # compile this layer's inner functions one by one, slower than running them.
+        return _forward_eagerly(self, input, hx)
+
+    def _forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
         options = self.highway_options
         check = self.check_finite
@@ -331,6 +339,9 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, tuple(torch.stack(acc) for acc in finals)
+
+
+_forward_eagerly = torch.compiler.disable(_HighwayRNNBase._forward)
 
 
 class HighwayLSTM(_HighwayRNNBase, nn.LSTM):
