@@ -164,6 +164,29 @@ def _spread(got: list, needs: list[bool]) -> list:
     return [next(it) if n else None for n in needs]
 
 
+def _weights(flat: tuple, has_bias: bool, has_proj: bool) -> list:
+    """``[w_ih, w_hh, b_ih, b_hh, w_hr]`` with ``None`` for the absent ones."""
+    it = iter(flat)
+    w_ih, w_hh = next(it), next(it)
+    b_ih, b_hh = (next(it), next(it)) if has_bias else (None, None)
+    return [w_ih, w_hh, b_ih, b_hh, next(it) if has_proj else None]
+
+
+def _op_needs(flags: list[bool], flat_flags: list[bool], has_bias: bool, has_proj: bool) -> list[bool]:
+    """An operator's ``needs`` mask (one flag per input and weight slot) from the flags of
+    the states' inputs and of the flat weights present."""
+    return [*flags, *(bool(f) if f is not None else False for f in _weights(flat_flags, has_bias, has_proj))]
+
+
+def _from_op(got: tuple, n_front: int, has_bias: bool, has_proj: bool, needs: list[bool]) -> list:
+    """The Function's gradients (front inputs, then the flat weights present) from an
+    operator's one-per-slot result, ``None`` where not needed."""
+    slots = [g if need else None for g, need in zip(got, needs)]
+    front, weights = slots[:n_front], slots[n_front:]
+    present = [weights[0], weights[1]] + ([weights[2], weights[3]] if has_bias else []) + ([weights[4]] if has_proj else [])
+    return front + present
+
+
 class _LSTMFunction(torch.autograd.Function):
     """Inputs ``spec, x (T,B,I), h0 (B,P), c0 (B,H), lengths (B,) or None, *flat``; outputs
     ``y (T,B,P)``, ``c`` at the last valid step ``(B,H)`` and the kept tensors."""
@@ -172,13 +195,15 @@ class _LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, x, h0, c0, lengths, *flat):
-        return torch.ops.hwbptt.lstm_forward(x, h0, c0, list(flat), lengths, spec.has_bias, spec.has_proj, spec.cast)
+        return torch.ops.hwbptt.lstm_forward(x, h0, c0, *_weights(flat, spec.has_bias, spec.has_proj), lengths, spec.cast)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         spec, x, h0, c0, lengths, *flat = inputs
         y, _, gates, c, tanh_c, gain = output
         ctx.mark_non_differentiable(gates, c, tanh_c, gain)
+        # No zeros made for the kept tensors' (unused) gradients: they are as large as the gates.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, y, h0, c0, gates, c, tanh_c, gain, lengths, *flat)
         ctx.spec = spec
 
@@ -188,6 +213,10 @@ class _LSTMFunction(torch.autograd.Function):
         x, y, h0, c0, gates, c, tanh_c, gain, lengths, *flat = ctx.saved_tensors
         n = ctx.needs_input_grad
         needs = [n[1], n[2], n[3], *n[5:]]
+        if grad_y is None and grad_c_last is None:
+            return (None,) * len(n)
+        grad_y = torch.zeros_like(y) if grad_y is None else grad_y
+        grad_c_last = c0.new_zeros(c0.shape) if grad_c_last is None else grad_c_last
         if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
             if not spec.exact:
                 raise _refuse_create_graph(spec)
@@ -196,10 +225,12 @@ class _LSTMFunction(torch.autograd.Function):
         elif not any(needs):
             g = [None] * len(needs)
         else:
+            mask = _op_needs(needs[:3], needs[3:], spec.has_bias, spec.has_proj)
             with torch.no_grad():
-                g = _spread(torch.ops.hwbptt.lstm_backward(
-                    grad_y, grad_c_last, x, y, h0, c0, list(flat), gates, c, tanh_c, gain, lengths, spec.has_bias,
-                    spec.has_proj, *spec.options, spec.handle, list(spec.key), needs), needs)
+                got = torch.ops.hwbptt.lstm_backward(
+                    grad_y, grad_c_last, x, y, h0, c0, *_weights(flat, spec.has_bias, spec.has_proj), gates, c, tanh_c,
+                    gain, lengths, *spec.options, spec.handle, list(spec.key), mask)
+            g = _from_op(got, 3, spec.has_bias, spec.has_proj, mask)
         return (None, g[0], g[1], g[2], None, *g[3:])
 
 
@@ -210,13 +241,14 @@ class _GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, x, h0, *flat):
-        return torch.ops.hwbptt.gru_forward(x, h0, list(flat), spec.has_bias, spec.cast)
+        return torch.ops.hwbptt.gru_forward(x, h0, *_weights(flat, spec.has_bias, False)[:4], spec.cast)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         spec, x, h0, *flat = inputs
         y, gates, gh = output
         ctx.mark_non_differentiable(gates, gh)
+        ctx.set_materialize_grads(False)  # (as _LSTMFunction's)
         ctx.save_for_backward(x, y, h0, gates, gh, *flat)
         ctx.spec = spec
 
@@ -226,6 +258,8 @@ class _GRUFunction(torch.autograd.Function):
         x, y, h0, gates, gh, *flat = ctx.saved_tensors
         n = ctx.needs_input_grad
         needs = [n[1], n[2], *n[3:]]
+        if grad_y is None:
+            return (None,) * len(n)
         if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
             if not spec.exact:
                 raise _refuse_create_graph(spec)
@@ -233,10 +267,12 @@ class _GRUFunction(torch.autograd.Function):
         elif not any(needs):
             g = [None] * len(needs)
         else:
+            mask = _op_needs(needs[:2], needs[2:], spec.has_bias, False)[:6]
             with torch.no_grad():
-                g = _spread(torch.ops.hwbptt.gru_backward(
-                    grad_y, x, y, h0, list(flat), gates, gh, spec.has_bias, *spec.options, spec.handle,
-                    list(spec.key), needs), needs)
+                got = torch.ops.hwbptt.gru_backward(
+                    grad_y, x, y, h0, *_weights(flat, spec.has_bias, False)[:4], gates, gh, *spec.options, spec.handle,
+                    list(spec.key), mask)
+            g = _from_op((*got, None), 2, spec.has_bias, False, mask + [False])
         return (None, *g)
 
 

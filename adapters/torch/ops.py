@@ -4,16 +4,17 @@ Why operators: ``torch.compile`` (Dynamo, AOTAutograd) and ``torch.func`` see a 
 operator as one opaque call with a schema and a fake (meta) implementation, whatever
 runs inside it (the C kernels, ctypes, a lock, the workspace pool). Four operators:
 
-- ``lstm_forward(x, h0, c0, flat, lengths, has_bias, has_proj, cast)`` ->
-  ``(y, c_last, gates, c, tanh_c, gain)``; ``gru_forward(x, h0, flat, has_bias, cast)`` ->
-  ``(y, gates, gh)``. The fused forward of one layer and direction, plus what the backward
+- ``lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cast)`` ->
+  ``(y, c_last, gates, c, tanh_c, gain)``; ``gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh,
+  cast)`` -> ``(y, gates, gh)`` (absent weights are ``None``). The fused forward of one layer and direction, plus what the backward
   needs besides the inputs: where ``reserve`` takes the tensors, the kept gates
   ((T+1, B, G·H), the last row zero) and the LSTM's cell-state tensors (T, B, H) each;
   elsewhere empty (0,) placeholders, and the backward rebuilds them from ``y``.
-- ``lstm_backward(...)``/``gru_backward(...)`` -> the gradients the ``needs`` mask asks for,
-  in input order (x, h0[, c0], *flat): Highway-BP, or for ``iterations=-1`` and no ``tol``
-  the exact adjoint (``reserve``'s C loop where it runs), on the tape rebuilt from those
-  tensors.
+- ``lstm_backward(...)``/``gru_backward(...)`` -> one tensor per input x, h0[, c0] and
+  weight (``LSTM_GRAD_NAMES``, ``GRU_GRAD_NAMES``): its gradient where the ``needs`` mask
+  asks for it, else an empty placeholder. Highway-BP, or for ``iterations=-1`` and no
+  ``tol`` the exact adjoint (``reserve``'s C loop where it runs), on the tape rebuilt from
+  those tensors.
 
 Non-tensor state cannot go through a schema: the options travel as ints, floats and
 strings (``option_args``), and the diagnostics as an int ``handle`` into ``_SINKS``
@@ -53,15 +54,10 @@ from .lstm_math import FastLSTMTape, LSTMWeights, make_lstm_tape
 
 __all__ = [
     "open_sink", "close_sink", "sink_of", "SinkLease", "option_args", "autocast_dtype", "at_lengths",
-    "WEIGHT_NAMES", "flat_names",
+    "WEIGHT_NAMES", "LSTM_GRAD_NAMES", "GRU_GRAD_NAMES",
 ]
 
 WEIGHT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
-
-
-def flat_names(has_bias: bool, has_proj: bool) -> tuple[str, ...]:
-    """The names of one layer's flat weights, in ``nn.LSTM``/``nn.GRU`` order."""
-    return ("w_ih", "w_hh") + (("b_ih", "b_hh") if has_bias else ()) + (("w_hr",) if has_proj else ())
 
 
 def at_lengths(seq: Tensor, lengths: Tensor | None) -> Tensor:
@@ -206,19 +202,23 @@ def _last_step_gradient(like: Tensor, grad_last: Tensor, lengths: Tensor | None)
     return local
 
 
-def _grads_out(grads: dict, names: tuple[str, ...], inputs: tuple[Tensor, ...], needs: list[bool]) -> list[Tensor]:
-    """The requested gradients in input order, each in its input's dtype and contiguous
-    (what the fake implementation promises)."""
+def _grads_out(grads: dict, names: tuple[str, ...], inputs: tuple[Tensor | None, ...], needs: list[bool]) -> tuple:
+    """One tensor per input: its gradient where ``needs`` asks for it (in the input's dtype
+    and contiguous, what the fake implementation promises), else an empty (0,) placeholder
+    (in the dtype of ``inputs[0]``)."""
     out = []
     for name, inp, need in zip(names, inputs, needs):
-        if need:
+        if inp is None or not need:
+            out.append(inputs[0].new_empty(0))
+        else:
             g = grads[name]
             out.append(torch.zeros_like(inp) if g is None else g.to(inp.dtype).contiguous())
-    return out
+    return tuple(out)
 
 
-def _grads_fake(inputs: tuple[Tensor, ...], needs: list[bool]) -> list[Tensor]:
-    return [inp.new_empty(inp.shape) for inp, need in zip(inputs, needs) if need]
+def _grads_fake(inputs: tuple[Tensor | None, ...], needs: list[bool]) -> tuple:
+    x = inputs[0]
+    return tuple(x.new_empty(0) if inp is None or not need else inp.new_empty(inp.shape) for inp, need in zip(inputs, needs))
 
 
 def _check_devices(x: Tensor, states: tuple[Tensor, ...], flat: list[Tensor]) -> None:
@@ -236,8 +236,17 @@ def _check_devices(x: Tensor, states: tuple[Tensor, ...], flat: list[Tensor]) ->
 
 def _check_needs(needs: list[bool], n: int) -> None:
     if len(needs) != n:
-        raise ValueError(f"needs must have one flag per differentiable input ({n}), got needs={needs!r}")
+        raise ValueError(f"needs must have one flag per input x, states and weights ({n}), got needs={needs!r}")
 
+
+def _flat(*weights: Tensor | None) -> list[Tensor]:
+    """The layer's weights present, in ``nn.LSTM``/``nn.GRU`` order."""
+    return [w for w in weights if w is not None]
+
+
+# The schemas take each weight as its own (optional) tensor and return a fixed number of
+# tensors: the batched-gradient path of ``torch.autograd.grad(is_grads_batched=True)`` and
+# ``gradcheck`` (the legacy vmap) loops over any operator without tensor lists.
 
 # ----------------------------------------------------------------------------- LSTM
 
@@ -248,11 +257,13 @@ def _lstm_keeps(x: Tensor, h0: Tensor, c0: Tensor, flat: list[Tensor], has_proj:
 
 @torch.library.custom_op("hwbptt::lstm_forward", mutates_args=())
 def _lstm_forward(
-    x: Tensor, h0: Tensor, c0: Tensor, flat: list[Tensor], lengths: Tensor | None, has_bias: bool, has_proj: bool,
-    cast: torch.dtype | None,
+    x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+    w_hr: Tensor | None, lengths: Tensor | None, cast: torch.dtype | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``x`` (T, B, I), ``h0`` (B, P), ``c0`` (B, H), ``lengths`` (B,) or None ->
     ``y`` (T, B, P), ``c_last`` (B, H) at each row's last valid step, and the kept tensors."""
+    has_bias, has_proj = b_ih is not None, w_hr is not None
+    flat = _flat(w_ih, w_hh, b_ih, b_hh, w_hr)
     _check_devices(x, (h0, c0), flat)
     with _kernel_context(x):
         x, h0, c0, *flat = _cast(cast, x, h0, c0, *flat)
@@ -269,52 +280,63 @@ def _lstm_forward(
 
 
 @_lstm_forward.register_fake
-def _(x, h0, c0, flat, lengths, has_bias, has_proj, cast):
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cast):
+    flat = _flat(w_ih, w_hh, b_ih, b_hh, w_hr)
     _check_devices(x, (h0, c0), flat)
     with _kernel_context(x):
         x, h0, c0, *flat = _cast(cast, x, h0, c0, *flat)
-        keeps = _lstm_keeps(x, h0, c0, flat, has_proj)
+        keeps = _lstm_keeps(x, h0, c0, flat, w_hr is not None)
     T, B = x.shape[:2]
-    H, P = c0.shape[-1], flat[1].shape[1]
+    H, P = c0.shape[-1], w_hh.shape[1]
     y, c_last = x.new_empty((T, B, P)), x.new_empty((B, H))
     if keeps:
         return y, c_last, x.new_empty((T + 1, B, 4 * H)), *(x.new_empty((T, B, H)) for _ in range(3))
     return (y, c_last, *(x.new_empty(0) for _ in range(4)))
 
 
+LSTM_GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+
+
 @torch.library.custom_op("hwbptt::lstm_backward", mutates_args=())
 def _lstm_backward(
-    grad_y: Tensor, grad_c_last: Tensor, x: Tensor, y: Tensor, h0: Tensor, c0: Tensor, flat: list[Tensor],
-    gates: Tensor, c: Tensor, tanh_c: Tensor, gain: Tensor, lengths: Tensor | None, has_bias: bool, has_proj: bool,
-    iterations: int, tol: float | None, gamma: float, split: str, diagnostics: str, handle: int, key: list[int],
-    needs: list[bool],
-) -> list[Tensor]:
-    """The gradients of ``(x, h0, c0, *flat)`` that ``needs`` asks for, from ``grad_y``
-    (T, B, P) and ``grad_c_last`` (B, H); stores the diagnostics under ``handle``/``key``."""
-    names = ("x", "h0", "c0") + flat_names(has_bias, has_proj)
-    inputs = (x, h0, c0, *flat)
+    grad_y: Tensor, grad_c_last: Tensor, x: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None, gates: Tensor, c: Tensor, tanh_c: Tensor,
+    gain: Tensor, lengths: Tensor | None, iterations: int, tol: float | None, gamma: float, split: str,
+    diagnostics: str, handle: int, key: list[int], needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """From ``grad_y`` (T, B, P) and ``grad_c_last`` (B, H): one tensor per input of
+    ``LSTM_GRAD_NAMES``, its gradient where ``needs`` asks for it, else an empty placeholder.
+    Stores the diagnostics under ``handle``/``key``."""
+    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     _check_needs(needs, len(inputs))
+    has_bias, has_proj = b_ih is not None, w_hr is not None
     with _kernel_context(x):
-        tape = _lstm_tape(x, y, h0, c0, LSTMWeights.from_flat(flat, has_bias, has_proj), gates, c, tanh_c, gain)
+        w = LSTMWeights(w_ih, w_hh, b_ih, b_hh, w_hr)
+        tape = _lstm_tape(x, y, h0, c0, w, gates, c, tanh_c, gain)
         lc = _last_step_gradient(tape.c, grad_c_last, lengths)
         dc, wh, diag = tape.highway(grad_y, lc, _options(iterations, tol, gamma, split, diagnostics))
         _store(handle, key, diag)
-        want = dict.fromkeys(WEIGHT_NAMES, False) | dict(zip(names, needs))
-        return _grads_out(tape.input_grads(dc, wh, want), names, inputs, needs)
+        want = {n: bool(need and t is not None) for n, t, need in zip(LSTM_GRAD_NAMES, inputs, needs)}
+        return _grads_out(tape.input_grads(dc, wh, want), LSTM_GRAD_NAMES, inputs, needs)
 
 
 @_lstm_backward.register_fake
-def _(grad_y, grad_c_last, x, y, h0, c0, flat, gates, c, tanh_c, gain, lengths, has_bias, has_proj, iterations, tol,
-      gamma, split, diagnostics, handle, key, needs):
-    return _grads_fake((x, h0, c0, *flat), needs)
+def _(grad_y, grad_c_last, x, y, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gates, c, tanh_c, gain, lengths, iterations,
+      tol, gamma, split, diagnostics, handle, key, needs):
+    return _grads_fake((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), needs)
 
 
 # ----------------------------------------------------------------------------- GRU
 
 
 @torch.library.custom_op("hwbptt::gru_forward", mutates_args=())
-def _gru_forward(x: Tensor, h0: Tensor, flat: list[Tensor], has_bias: bool, cast: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+def _gru_forward(
+    x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+    cast: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``x`` (T, B, I), ``h0`` (B, H) -> ``y`` (T, B, H) and the kept ``gates``, ``gh``."""
+    has_bias = b_ih is not None
+    flat = _flat(w_ih, w_hh, b_ih, b_hh)
     _check_devices(x, (h0,), flat)
     with _kernel_context(x):
         x, h0, *flat = _cast(cast, x, h0, *flat)
@@ -327,7 +349,8 @@ def _gru_forward(x: Tensor, h0: Tensor, flat: list[Tensor], has_bias: bool, cast
 
 
 @_gru_forward.register_fake
-def _(x, h0, flat, has_bias, cast):
+def _(x, h0, w_ih, w_hh, b_ih, b_hh, cast):
+    flat = _flat(w_ih, w_hh, b_ih, b_hh)
     _check_devices(x, (h0,), flat)
     with _kernel_context(x):
         x, h0, *flat = _cast(cast, x, h0, *flat)
@@ -340,27 +363,31 @@ def _(x, h0, flat, has_bias, cast):
     return y, x.new_empty(0), x.new_empty(0)
 
 
+GRU_GRAD_NAMES = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")
+
+
 @torch.library.custom_op("hwbptt::gru_backward", mutates_args=())
 def _gru_backward(
-    grad_y: Tensor, x: Tensor, y: Tensor, h0: Tensor, flat: list[Tensor], gates: Tensor, gh: Tensor, has_bias: bool,
-    iterations: int, tol: float | None, gamma: float, split: str, diagnostics: str, handle: int, key: list[int],
-    needs: list[bool],
-) -> list[Tensor]:
-    """The gradients of ``(x, h0, *flat)`` that ``needs`` asks for, from ``grad_y`` (T, B, H)."""
-    names = ("x", "h0") + flat_names(has_bias, False)
-    inputs = (x, h0, *flat)
+    grad_y: Tensor, x: Tensor, y: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, gates: Tensor, gh: Tensor, iterations: int, tol: float | None, gamma: float, split: str,
+    diagnostics: str, handle: int, key: list[int], needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """From ``grad_y`` (T, B, H): one tensor per input of ``GRU_GRAD_NAMES`` (as
+    ``lstm_backward``)."""
+    inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
     _check_needs(needs, len(inputs))
     with _kernel_context(x):
-        tape = _gru_tape(x, y, h0, GRUWeights.from_flat(flat, has_bias), gates, gh)
+        tape = _gru_tape(x, y, h0, GRUWeights(w_ih, w_hh, b_ih, b_hh), gates, gh)
         w, diag = tape.highway(grad_y, _options(iterations, tol, gamma, split, diagnostics))
         _store(handle, key, diag)
-        want = dict.fromkeys(WEIGHT_NAMES, False) | dict(zip(names, needs))
-        return _grads_out(tape.input_grads(w, want), names, inputs, needs)
+        want = {n: bool(need and t is not None) for n, t, need in zip(GRU_GRAD_NAMES, inputs, needs)} | {"w_hr": False}
+        return _grads_out(tape.input_grads(w, want), GRU_GRAD_NAMES, inputs, needs)
 
 
 @_gru_backward.register_fake
-def _(grad_y, x, y, h0, flat, gates, gh, has_bias, iterations, tol, gamma, split, diagnostics, handle, key, needs):
-    return _grads_fake((x, h0, *flat), needs)
+def _(grad_y, x, y, h0, w_ih, w_hh, b_ih, b_hh, gates, gh, iterations, tol, gamma, split, diagnostics, handle, key,
+      needs):
+    return _grads_fake((x, h0, w_ih, w_hh, b_ih, b_hh), needs)
 
 
 # ----------------------------------------------------------------------------- vmap
@@ -372,10 +399,8 @@ def _per_sample_rule(op: Callable) -> Callable:
     memory."""
 
     def take(arg: Any, dim: Any, i: int) -> Any:
-        if dim is None:
+        if dim is None or not isinstance(arg, Tensor):
             return arg
-        if isinstance(arg, (list, tuple)):
-            return [take(a, d, i) for a, d in zip(arg, dim)]
         return arg.select(dim, i).contiguous()
 
     def rule(info, in_dims, *args):
@@ -383,10 +408,7 @@ def _per_sample_rule(op: Callable) -> Callable:
         if n == 0:
             raise ValueError(f"{op}: vmap over a dimension of size 0 is not supported")
         results = [op(*(take(a, d, i) for a, d in zip(args, in_dims))) for i in range(n)]
-        stacked = [torch.stack(parts) for parts in zip(*results)]
-        if isinstance(results[0], tuple):
-            return tuple(stacked), (0,) * len(stacked)
-        return stacked, [0] * len(stacked)
+        return tuple(torch.stack(parts) for parts in zip(*results)), (0,) * len(results[0])
 
     return rule
 
