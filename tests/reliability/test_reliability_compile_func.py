@@ -122,7 +122,7 @@ def test_compile_no_graph_break_and_highway_in_the_compiled_step():
     break; the compiled forward and backward graphs call the layers' operators (Highway-BP
     runs in the compiled backward: its diagnostics show 3 iterations, its gradient is not
     the exact one) and the gradients are eager's. In a fresh interpreter: importing Triton
-    after TensorFlow segfaults here (docs/reliability.md)."""
+    after TensorFlow segfaults here (docs/reliability.md, environment note)."""
     out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -304,3 +304,61 @@ def test_torch_save_then_weights_only_load_keeps_no_diagnostics():
             for p, q in zip(a, b):
                 assert torch.equal(p, q)
             assert other.last_diagnostics and other.last_diagnostics is not m.last_diagnostics
+
+
+# ----------------------------------------------------------------------------- HighwayRNN(cell)
+
+
+def test_cell_transforms_exact_as_the_loop_and_highway_refuses_clearly():
+    """``HighwayRNN(cell)``: exact mode is autograd through the loop, so ``jacrev``,
+    ``grad``, forward AD and batched gradients work as they do for the cell (``vmap`` too,
+    where the cell has a batching rule: ``nn.GRUCell`` has none). Highway mode
+    raises ``RuntimeError`` naming ``iterations=None`` for each (its backward recomputes
+    the cell under ``torch.autograd``, which ``torch.func`` does not allow)."""
+    torch.manual_seed(0)
+    cell = nn.GRUCell(I, H, dtype=D)
+    exact, hw = HighwayRNN(cell, iterations=None), HighwayRNN(cell, iterations=2)
+    x, V = data(T, B, I), data(3, T, B, H, seed=2)
+
+    def loop(x):
+        h, out = torch.zeros(B, H, dtype=D), []
+        for t in range(T):
+            h = cell(x[t], h)
+            out.append(h)
+        return torch.stack(out)
+
+    close(jacrev(lambda x: exact(x)[0])(x), jacrev(loop)(x))
+    close(grad(lambda x: exact(x)[0].sin().sum())(x), grad(lambda x: loop(x).sin().sum())(x))
+    close(jvp(lambda x: exact(x)[0], (x,), (x,))[1], jvp(loop, (x,), (x,))[1])
+    xx = x.clone().requires_grad_(True)
+    xl = x.clone().requires_grad_(True)
+    close(torch.autograd.grad(exact(xx)[0], xx, V, is_grads_batched=True)[0],
+          torch.autograd.grad(loop(xl), xl, V, is_grads_batched=True)[0])
+    for run in (lambda: jacrev(lambda x: hw(x)[0])(x), lambda: grad(lambda x: hw(x)[0].sum())(x),
+                lambda: jvp(lambda x: hw(x)[0], (x,), (x,))):
+        with pytest.raises(RuntimeError, match=r"HighwayRNN: .* not supported by Highway-BP \(iterations=2\).*Use iterations=None"):
+            run()
+    xx = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"batched gradients .* not supported by Highway-BP \(iterations=2\).*iterations=None"):
+        torch.autograd.grad(hw(xx)[0], xx, V, is_grads_batched=True)
+
+
+def test_cell_torch_save_keeps_no_diagnostics():
+    """``torch.save(HighwayRNN)`` after a backward with diagnostics: no ``Diagnostics``
+    pickled; ``weights_only=True`` loads it once the layer and its cell's class are
+    allow-listed; the copy starts with ``last_diagnostics=None``."""
+    torch.serialization.add_safe_globals([HighwayLSTM, HighwayGRU, HighwayRNN, nn.GRUCell])
+    torch.manual_seed(0)
+    m = HighwayRNN(nn.GRUCell(I, H, dtype=D), iterations=2, diagnostics=True)
+    x = data(T, B, I)
+    m(x.clone().requires_grad_(True))[0].sum().backward()
+    assert m.last_diagnostics.iterations == 2
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    assert b"Diagnostics" not in buf.getvalue()
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)
+    assert back.last_diagnostics is None and back.highway_options == m.highway_options
+    cot = [data(T, B, H, seed=4)]
+    for p, q in zip(vjps(m, x, cot), vjps(back, x, cot)):
+        assert torch.equal(p, q)
