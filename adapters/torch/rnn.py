@@ -130,9 +130,9 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
 
     # -- the parent's behaviour, kept --------------------------------------------------
     def _exact_by_tape(self, input: Any, hx: Any) -> bool:
-        """Whether exact mode runs this layer's own exact backward (``layer._LSTMExact``,
-        ``layer._GRUExact``: BPTT's adjoint as a C time loop on the gates the forward kept)
-        rather than the parent's forward and autograd. ATen's CPU GRU backward is a loop of
+        """Whether exact mode runs this layer's own exact backward (``layer._LSTMFunction``,
+        ``layer._GRUFunction``: BPTT's adjoint as a C time loop on the gates the forward
+        kept) rather than the parent's forward and autograd. ATen's CPU GRU backward is a loop of
         small operators per step, and oneDNN's LSTM backward measured slower than the C loop."""
         if getattr(self, "proj_size", 0):
             return False
