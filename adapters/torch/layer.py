@@ -18,7 +18,8 @@ A backward with ``create_graph=True`` (plain autograd): exact mode differentiate
 fused kernel with autograd instead, so that the gradient is itself differentiable (same
 values); Highway mode raises, its backward being computed once. Under ``torch.func``
 transforms the backward always runs with grad mode on; there it is computed once, and
-``functorch_nesting`` refuses nested gradient transforms before the forward.
+the modules refuse (Highway) or hand to the parent (exact) nested gradient transforms
+before the forward (``functorch_grad_levels``).
 """
 
 from __future__ import annotations
