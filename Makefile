@@ -31,9 +31,13 @@ sysdeps:
 demo: $(STAMP)
 	$(PY) -m hwbptt demo
 
+# Both passes always run (the Keras-on-torch pass is not skipped when the first fails);
+# the target fails at the end if either did.
 test: $(STAMP) sysdeps
-	$(PY) -m pytest -q
-	KERAS_BACKEND=torch $(PY) -m pytest -q tests/keras
+	@status=0; \
+	$(PY) -m pytest -q || status=1; \
+	KERAS_BACKEND=torch $(PY) -m pytest -q tests/keras || status=1; \
+	exit $$status
 
 bench: $(STAMP)
 	$(PY) -m hwbptt bench --quick

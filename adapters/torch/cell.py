@@ -44,6 +44,7 @@ from hwbptt.options import CheckFiniteMixin, Diagnostics, HighwayOptions, Highwa
 from .scan import TORCH_OPS
 
 from .finite import nonfinite_at, nonfinite_at_step, raise_nonfinite
+from .layer import forward_ad_requested, functorch_active
 
 __all__ = ["HighwayRNN"]
 
@@ -52,7 +53,9 @@ def _refuse_double_backward(grad: torch.Tensor) -> None:
     """Output hook: the engine runs it with grad mode on exactly when ``create_graph=True``.
     The Highway backward is computed once and is not differentiable, so a second
     derivative through it would silently lose this layer's part."""
-    if torch.is_grad_enabled():
+    # torch.func transforms always run the backward with grad mode on; nested gradient
+    # transforms are refused at the forward instead (``HighwayRNN.forward``).
+    if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
         raise RuntimeError(
             "HighwayRNN: double backward (create_graph=True) is not supported by Highway-BP: its "
             "backward is not differentiable. Use iterations=None (exact BPTT by autograd) for "
@@ -316,17 +319,26 @@ class _HighwayRNNFunction(torch.autograd.Function):
     parameters that require grad. Outputs: each state component stacked (T, B, ...)."""
 
     @staticmethod
-    def forward(ctx, run: _Run, x: torch.Tensor, *tensors: torch.Tensor):
-        s0 = tensors[: run.n_state]
-        stacked = _loop(run.cell, x, s0, run.is_tuple)
+    def forward(run: _Run, x: torch.Tensor, *tensors: torch.Tensor):
+        return tuple(_loop(run.cell, x, tensors[: run.n_state], run.is_tuple))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        run, x, *tensors = inputs
         ctx.run = run
-        ctx.save_for_backward(x, *tensors, *stacked)
-        return tuple(stacked)
+        ctx.save_for_backward(x, *tensors, *output)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_stacked: torch.Tensor):
         run: _Run = ctx.run
+        if any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grad_stacked):
+            raise RuntimeError(
+                "HighwayRNN: batched gradients (torch.autograd.grad(..., is_grads_batched=True), gradcheck's "
+                "check_batched_grad) are not supported by Highway-BP (iterations="
+                f"{run.options.iterations}): its backward recomputes the cell with torch.autograd on the whole "
+                "batch. Use one cotangent per backward, or iterations=None (autograd through the loop)."
+            )
         n = run.n_state
         saved = ctx.saved_tensors
         x, s0, params, stacked = saved[0], saved[1 : 1 + n], saved[1 + n : -n], saved[-n:]
@@ -473,6 +485,11 @@ class HighwayRNN(CheckFiniteMixin, nn.Module, HighwayOptionsMixin):
       same non-finite entries, the same finite values up to rounding) and a mismatch
       raises ``RuntimeError``. NaN/Inf propagate as in BPTT.
 
+    On the Highway path, ``torch.func`` transforms, forward-mode AD and batched gradients
+    (``is_grads_batched``) raise ``RuntimeError`` naming ``iterations=None`` (the backward
+    recomputes the cell with ``torch.autograd``, which those transforms do not allow);
+    exact mode is autograd through the loop and supports them as the cell does.
+    ``torch.compile`` traces the forward loop; the backward runs eagerly.
     ``torch.jit.script`` raises ``RuntimeError``; ``torch.jit.trace`` raises
     ``RuntimeError`` on the Highway path (trace under ``torch.no_grad()`` or with
     ``iterations=None``: the trace records the loop).
@@ -518,6 +535,11 @@ class HighwayRNN(CheckFiniteMixin, nn.Module, HighwayOptionsMixin):
         self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, diagnostics=diagnostics)
         self.check_finite = check_finite
         self.last_diagnostics: Diagnostics | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["last_diagnostics"] = None  # transient: pickled models carry no Diagnostics
+        return state
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
@@ -611,6 +633,18 @@ class HighwayRNN(CheckFiniteMixin, nn.Module, HighwayOptionsMixin):
                     "HighwayRNN: torch.jit.trace cannot record Highway-BP's backward (a Python "
                     "torch.autograd.Function). Trace under torch.no_grad() or with iterations=None (the loop over "
                     "the cell and BPTT)."
+                )
+            what = None
+            if forward_ad_requested(x, *s0, *params):
+                what = "forward-mode AD (torch.func.jvp, torch.autograd.forward_ad)"
+            elif functorch_active():
+                what = "a torch.func transform (vmap, grad, vjp, jacrev, ...)"
+            if what is not None:
+                raise RuntimeError(
+                    f"HighwayRNN: {what} is not supported by Highway-BP (iterations={options.iterations}): its "
+                    "backward recomputes the cell under torch.autograd, which torch.func does not allow inside a "
+                    "transform, and it has no forward-mode rule. Use iterations=None (autograd through the loop "
+                    "over the cell, which supports it)."
                 )
             norms, drops = _row_mixing_modules(self.cell)
             if norms or drops:

@@ -11,11 +11,17 @@ When is which path taken (nothing switches silently: each is the documented beha
 - ``iterations=None`` and no ``tol`` (exact): the parent's own forward and autograd
   (BPTT through the fused kernel); for a ``PackedSequence``, autograd through the padded
   fused kernel. Except on the CPU fast path (float32/float64, the C kernels built, no
-  ``proj_size``, no ``torch.jit.trace``/``torch.compile``): BPTT's adjoint as one C time
-  loop on the gates the forward kept (``layer._LSTMExact``, ``layer._GRUExact``), the same
-  gradient in less time than the parent's backward (``docs/performance.md``); under
-  ``create_graph=True`` that backward differentiates the fused kernel with autograd, so
-  higher-order gradients work;
+  ``proj_size``, no ``torch.jit.trace``; ``torch.compile`` included): BPTT's adjoint as one
+  C time loop on the gates the forward kept (``layer._LSTMFunction``,
+  ``layer._GRUFunction`` in exact mode), the same gradient in less time than the parent's
+  backward (``docs/performance.md``); under ``create_graph=True`` that backward
+  differentiates the fused kernel with autograd, so higher-order gradients work;
+- forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad`` dual tensors) or
+  nested ``torch.func`` gradient transforms: in exact mode the parent's forward (which
+  supports them); in Highway mode ``RuntimeError`` naming ``iterations=None``;
+- other ``torch.func`` transforms (``vmap``, ``grad``, ``vjp``, ``jacrev``): this layer's
+  Functions, in exact mode too (the parent's kernels have no batching rule); vmap runs the
+  layer once per sample;
 - an empty input (batch 0, T = 0, no features): the parent's forward and autograd (its
   error for T = 0; for an empty batch every gradient is zero under either algorithm);
 - otherwise: Highway-BP with the options read at this forward call.
@@ -24,7 +30,14 @@ Highway-BP's backward is not differentiable: a backward with ``create_graph=True
 through a Highway layer raises ``RuntimeError`` (use ``iterations=None`` for higher-order
 gradients). ``torch.jit.script`` raises ``RuntimeError`` (the backward is a Python
 ``autograd.Function``); ``torch.jit.trace`` raises ``RuntimeError`` on the Highway path
-(trace under ``torch.no_grad()`` or with ``iterations=None``).
+(trace under ``torch.no_grad()`` or with ``iterations=None``). ``torch.compile`` sees the
+forward and backward as registered operators (``ops``): no graph break, Highway-BP runs
+in the compiled backward, and ``last_diagnostics`` is filled there too (the entries of
+the previous backward are overwritten, not cleared at the forward, in compiled code).
+
+Pickling (``torch.save(model)``, ``copy.deepcopy``) keeps the options and parameters, not
+``last_diagnostics`` (transient); ``torch.load(..., weights_only=True)`` of a whole model
+needs ``torch.serialization.add_safe_globals([HighwayLSTM, HighwayGRU])``.
 
 ``check_finite=True`` raises ``FloatingPointError`` for a NaN/Inf in the input, the initial
 state or the outputs (forward) or in the upstream gradient of an output (backward),
@@ -39,6 +52,7 @@ not the same random stream.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -49,8 +63,10 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from hwbptt import Diagnostics, HighwayOptionsMixin
 from hwbptt.options import CheckFiniteMixin
 
+from . import ops
 from .finite import nonfinite_at, nonfinite_at_step, raise_nonfinite
-from .layer import exact_by_tape, gru_layer, lstm_layer, reverse_within
+from .layer import (exact_by_tape, forward_ad_requested, functorch_active, functorch_grad_levels, gru_layer, lstm_layer,
+                    reverse_within)
 
 __all__ = ["HighwayLSTM", "HighwayGRU"]
 
@@ -64,16 +80,37 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
     """The layer/direction loop shared by ``HighwayLSTM`` and ``HighwayGRU``.
 
     The subclass supplies ``_state_sizes()`` (one size per state tensor) and ``_layer``
-    (one layer and direction: ``(x, states, flat_weights, lengths, options, sink, key) ->
-    (y, final_states)``).
-    """
+    (one layer and direction: ``(x, states, flat_weights, lengths, options, key) ->
+    (y, final_states)``, storing diagnostics under ``self._diagnostics_handle`` and ``key``).
 
-    last_diagnostics: dict[tuple[int, int], Diagnostics]
+    ``last_diagnostics`` lives outside the module, in ``ops``' sink registry under an int
+    handle (what the backward operator receives): it is not pickled, and a copy or an
+    unpickled module gets a fresh, empty one.
+    """
 
     def _init_highway(self, iterations: Any, tol: Any, gamma: Any, split: Any, diagnostics: Any, check_finite: Any) -> None:
         self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, split=split, diagnostics=diagnostics)
         self.check_finite = check_finite
-        self.last_diagnostics = {}
+        self._open_diagnostics()
+
+    def _open_diagnostics(self) -> None:
+        handle = ops.open_sink({})
+        self.__dict__["_diagnostics_handle"] = handle
+        weakref.finalize(self, ops.close_sink, handle)
+
+    @property
+    def last_diagnostics(self) -> dict[tuple[int, int], Diagnostics]:
+        """``(layer, direction) -> hwbptt.Diagnostics`` of the last backward."""
+        return ops.sink_of(self._diagnostics_handle)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()  # RNNBase drops its weight references
+        state.pop("_diagnostics_handle", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._open_diagnostics()
 
     def extra_repr(self) -> str:
         o = self.highway_options
@@ -93,9 +130,9 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
 
     # -- the parent's behaviour, kept --------------------------------------------------
     def _exact_by_tape(self, input: Any, hx: Any) -> bool:
-        """Whether exact mode runs this layer's own exact backward (``layer._LSTMExact``,
-        ``layer._GRUExact``: BPTT's adjoint as a C time loop on the gates the forward kept)
-        rather than the parent's forward and autograd. ATen's CPU GRU backward is a loop of
+        """Whether exact mode runs this layer's own exact backward (``layer._LSTMFunction``,
+        ``layer._GRUFunction``: BPTT's adjoint as a C time loop on the gates the forward
+        kept) rather than the parent's forward and autograd. ATen's CPU GRU backward is a loop of
         small operators per step, and oneDNN's LSTM backward measured slower than the C loop."""
         if getattr(self, "proj_size", 0):
             return False
@@ -109,13 +146,46 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
         tensors += list(hx) if isinstance(hx, tuple) else [hx]
         return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
+    def _parent_for_transforms(self, input: Any, hx: Any, options: Any) -> bool:
+        """Forward-mode AD and nested ``torch.func`` gradients: the parent's forward in exact
+        mode (it supports them), a clear error in Highway mode."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        states = [] if hx is None else list(self._as_tuple(hx))
+        weights = [getattr(self, n) for n in self._flat_weights_names]
+        if forward_ad_requested(data, *states, *weights):
+            what = "forward-mode AD (torch.func.jvp, torch.autograd.forward_ad)"
+        elif functorch_grad_levels() > 1:
+            what = "a derivative of a derivative (nested torch.func gradient transforms)"
+        else:
+            return False
+        if options.exact:
+            return True
+        raise RuntimeError(
+            f"{type(self).__name__}: {what} is not supported by Highway-BP (iterations={options.iterations}), "
+            "whose gradient is computed once, in the backward. Use iterations=None: exact mode runs the "
+            "parent's forward, which supports it."
+        )
+
     def forward(self, input, hx=None):
+        if torch.compiler.is_compiling():
+            return self._forward(input, hx)
+        # Run eagerly, nested frames included: Dynamo refuses any nn.LSTM/nn.GRU instance
+        # (this one too) unless torch._dynamo.config.allow_rnn is set, and it would then
+        # compile this layer's inner functions one by one, slower than running them.
+        return _forward_eagerly(self, input, hx)
+
+    def _forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
         options = self.highway_options
         check = self.check_finite
         if check:
             self._check_inputs_finite(input, hx)
-        parent = not packed and ((options.exact and not self._exact_by_tape(input, hx)) or not self._needs_grad(input, hx) or input.numel() == 0)
+        if self._parent_for_transforms(input, hx, options):
+            parent = True
+        elif functorch_active():  # vmap/grad/jacrev: the parent's kernels have no batching rule
+            parent = not packed and input.numel() == 0
+        else:
+            parent = not packed and ((options.exact and not self._exact_by_tape(input, hx)) or not self._needs_grad(input, hx) or input.numel() == 0)
         if not parent and torch.jit.is_tracing():
             raise RuntimeError(
                 f"{type(self).__name__}: torch.jit.trace cannot record Highway-BP's backward (a Python "
@@ -130,12 +200,11 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
                 output, h = self._forward_packed(input, hx, options)
             else:
                 output, h = self._forward_padded(input, hx, options)
-        highway = not parent and not options.exact  # a PackedSequence in exact mode is autograd, not Highway-BP
-        if check or highway:
-            self._guard_outputs(input, output, h, highway=highway, check=check)
+        if check:
+            self._guard_outputs(input, output, h)
         return output, h
 
-    # -- check_finite and the double-backward guard --------------------------------------
+    # -- check_finite ----------------------------------------------------------------------
     def _time_dim(self, input: Any) -> int:
         return 1 if self.batch_first and isinstance(input, torch.Tensor) and input.dim() == 3 else 0
 
@@ -156,16 +225,17 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
                     # found along dim 0 of the state: the layer·direction index (the state precedes step 0)
                     self._raise_nonfinite(f"initial state hx[{i}]", nonfinite_at(s, 0), "forward", "layer/direction index")
 
-    def _guard_outputs(self, input: Any, output: Any, h: Any, highway: bool, check: bool) -> None:
-        """Forward check of the outputs; backward hooks: the upstream gradient's check and,
-        on the Highway path, a clear error for ``create_graph=True``."""
+    def _guard_outputs(self, input: Any, output: Any, h: Any) -> None:
+        """Forward check of the outputs; backward hooks checking the upstream gradients.
+        (The Highway path's refusal of ``create_graph=True`` is in its backward,
+        ``layer._LSTMFunction``.)"""
         packed = isinstance(output, PackedSequence)
         out = output.data if packed else output
         steps = _packed_steps(output.batch_sizes) if packed else None
         time_dim = 0 if packed else self._time_dim(input)
         finals = self._as_tuple(h)
         T = int(len(output.batch_sizes)) if packed else out.shape[time_dim]
-        if check and out.numel():
+        if out.numel():
             found = nonfinite_at(out, time_dim)
             if found is not None and steps is not None:
                 found = (int(steps[found[0]]), found[1])
@@ -174,19 +244,10 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
                 self._raise_nonfinite(f"final state h_n[{i}]", nonfinite_at_step(s, T - 1), "forward")
         if not torch.is_grad_enabled():
             return
-        name = type(self).__name__
-        iterations = self.iterations
 
         def hook(what: str, time_dim: int | None):
             def fn(grad: torch.Tensor) -> None:
-                if highway and torch.is_grad_enabled():
-                    raise RuntimeError(
-                        f"{name}: double backward (create_graph=True) is not supported by Highway-BP "
-                        f"(iterations={iterations}): its backward is computed once and is not differentiable, "
-                        "so a second derivative would be wrong. Use iterations=None (exact BPTT through the "
-                        "parent's kernel) for higher-order gradients."
-                    )
-                if check and grad is not None and grad.numel():
+                if grad is not None and grad.numel():
                     if time_dim is None:  # a final state: read at the last step
                         found = nonfinite_at_step(grad, T - 1)
                     else:
@@ -260,8 +321,8 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
         D = 2 if self.bidirectional else 1
         per_layer = len(self._flat_weights) // (self.num_layers * D)
         layer_options = None if options.exact else options
-        sink: dict = {}
-        self.last_diagnostics = sink
+        if not torch.compiler.is_compiling():
+            self.last_diagnostics.clear()
         finals: list[list[torch.Tensor]] = [[] for _ in states]
         layer_input = x
         for layer in range(self.num_layers):
@@ -270,7 +331,7 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
                 idx = layer * D + direction
                 flat = self._flat_weights[idx * per_layer : (idx + 1) * per_layer]
                 inp = layer_input if direction == 0 else reverse_within(layer_input, lengths)
-                y, last = self._layer(inp, tuple(s[idx] for s in states), flat, lengths, layer_options, sink, (layer, direction))
+                y, last = self._layer(inp, tuple(s[idx] for s in states), flat, lengths, layer_options, (layer, direction))
                 outputs.append(y if direction == 0 else reverse_within(y, lengths))
                 for acc, s in zip(finals, last):
                     acc.append(s)
@@ -278,6 +339,9 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, tuple(torch.stack(acc) for acc in finals)
+
+
+_forward_eagerly = torch.compiler.disable(_HighwayRNNBase._forward)
 
 
 class HighwayLSTM(_HighwayRNNBase, nn.LSTM):
@@ -310,8 +374,9 @@ class HighwayLSTM(_HighwayRNNBase, nn.LSTM):
     def _state_sizes(self) -> tuple[int, int]:
         return (self.proj_size if self.proj_size > 0 else self.hidden_size, self.hidden_size)
 
-    def _layer(self, x, states, flat, lengths, options, sink, key):
-        y, h_last, c_last = lstm_layer(x, states[0], states[1], flat, self.bias, lengths, options, sink, key)
+    def _layer(self, x, states, flat, lengths, options, key):
+        y, h_last, c_last = lstm_layer(x, states[0], states[1], flat, self.bias, lengths, options, key=key,
+                                       handle=self._diagnostics_handle, name=type(self).__name__)
         return y, (h_last, c_last)
 
 
@@ -333,6 +398,7 @@ class HighwayGRU(_HighwayRNNBase, nn.GRU):
     def _state_sizes(self) -> tuple[int]:
         return (self.hidden_size,)
 
-    def _layer(self, x, states, flat, lengths, options, sink, key):
-        y, h_last = gru_layer(x, states[0], flat, self.bias, lengths, options, sink, key)
+    def _layer(self, x, states, flat, lengths, options, key):
+        y, h_last = gru_layer(x, states[0], flat, self.bias, lengths, options, key=key,
+                              handle=self._diagnostics_handle, name=type(self).__name__)
         return y, (h_last,)

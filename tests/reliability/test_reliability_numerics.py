@@ -212,20 +212,29 @@ def autocast_grads(module, x, w, dtype, backward_inside=False):
 
 
 @pytest.mark.parametrize("cls, parent", PAIRS, ids=IDS)
-def test_float16_autocast_behaves_as_parent(cls, parent):
-    """float16 autocast on CPU: whatever the parent does (runs, or raises), we do too."""
-    ours, ref = twins(cls, parent, 3, 4, dtype=torch.float32, iterations=10)
-    x, w = torch.randn(10, 2, 3), torch.randn(10, 2, 4)
-    try:
-        expected = autocast_grads(ref, x, w, torch.float16)
-    except RuntimeError as e:
-        with pytest.raises(RuntimeError, match=str(e).split("\n")[0][:40]):
-            autocast_grads(ours, x, w, torch.float16)
-    else:
-        got = autocast_grads(ours, x, w, torch.float16)
-        for a, b in zip(got, expected):
-            assert torch.isfinite(a).all()
-            assert rel(a, b) <= 5e-2
+def test_float16_autocast_within_tolerance_of_float64(cls, parent):
+    """``torch.autocast("cpu", float16)``: the forward kernel runs in float16 where autocast
+    would run the parent's in it (the LSTM; the CPU GRU is not on autocast's list and stays
+    float32), the layer casting its inputs itself, so the result does not depend on whether
+    this CPU's oneDNN has a float16 LSTM (where it has none, the parent's own call raises).
+    The exact-after-T Highway gradients are float32 and within 1e-2 (relative, per tensor)
+    of a float64 BPTT reference."""
+    T, B, I, H = 30, 3, 4, 6
+    ours, ref32 = twins(cls, parent, I, H, dtype=torch.float32, iterations=T)
+    ref64 = parent(I, H, dtype=torch.float64)
+    ref64.load_state_dict(ref32.state_dict())
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(T, B, I, generator=g), torch.randn(T, B, H, generator=g)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y16 = ours(x.clone().requires_grad_(True))[0].detach()  # the Highway path (no grad: the parent's forward)
+    assert y16.dtype == (torch.float16 if cls is HighwayLSTM else torch.float32)
+    rel_y = rel(y16, ref64(x.double())[0])
+    assert rel_y <= (5e-3 if cls is HighwayLSTM else 1e-6), rel_y
+    exact = grads(ref64, x.double(), w.double())
+    for a, e in zip(autocast_grads(ours, x, w, torch.float16), exact):
+        assert a.dtype == torch.float32
+        assert torch.isfinite(a).all()
+        assert rel(a, e) <= 1e-2, rel(a, e)
 
 
 @pytest.mark.parametrize("cls, parent", PAIRS, ids=IDS)
