@@ -31,3 +31,18 @@ def torch_threads():
     """``with torch_threads(n):`` runs a block on ``n`` intra-op threads (the count the
     kernels split over; oneDNN's threaded RNN kernels also stall on a loaded 2-core machine)."""
     return _threads
+
+
+@pytest.fixture(autouse=True)
+def _compiled_exact_adjoint_at_every_size(monkeypatch):
+    """Exact mode takes the LSTM's compiled adjoint only from T·H = 2^16 in use (below,
+    oneDNN's exact BPTT is faster: ``dispatch.exact_adjoint_pays``). The tests' sequences
+    are small, so the suite lowers that bar to 0 to test the compiled path at every size;
+    ``tests/test_native.py::test_plan_is_the_one_decision`` checks the real bar."""
+    import sys
+
+    dispatch = sys.modules.get("hwbptt.torch.dispatch")
+    if dispatch is None and importlib.util.find_spec("torch") is not None:
+        import hwbptt.torch.dispatch as dispatch
+    if dispatch is not None:
+        monkeypatch.setattr(dispatch, "EXACT_LSTM_MIN_TH", 0)

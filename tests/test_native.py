@@ -145,11 +145,16 @@ def test_the_scan_splits_over_threads_with_one_threads_result(torch_threads):
 
 
 @needs_kernels
-def test_plan_is_the_one_decision():
+def test_plan_is_the_one_decision(monkeypatch):
     """``dispatch.plan``: exact mode takes the compiled adjoint for the GRU at every size
     and for the LSTM from T·H = 2^16 (below, the parent's exact gradient, measured faster);
-    no gradient wanted or an empty input: the parent; Highway mode keeps the gates."""
-    from hwbptt.torch.dispatch import EXACT_LSTM_MIN_TH, plan
+    no gradient wanted or an empty input: the parent; Highway mode keeps the gates. The
+    layers ask the same question: a small LSTM in exact mode runs the parent's autograd."""
+    from hwbptt.torch import HighwayLSTM, dispatch
+    from hwbptt.torch.dispatch import plan
+
+    monkeypatch.setattr(dispatch, "EXACT_LSTM_MIN_TH", 1 << 16)  # the suite lowers it (conftest)
+    EXACT_LSTM_MIN_TH = dispatch.EXACT_LSTM_MIN_TH
 
     def tensors(T, H, lstm=True):
         x, h0 = torch.randn(T, 2, 3), torch.randn(2, H)
@@ -165,3 +170,11 @@ def test_plan_is_the_one_decision():
     p = plan("lstm", tensors(8, H), exact=False, has_proj=False, wants_grad=True)
     assert (p.forward, p.backward) == ("reserve", "highway") and p.kernels.startswith("compiled C++")
     assert plan("lstm", tensors(8, H), exact=False, has_proj=False, wants_grad=False).backward == "parent"
+
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    y_ours, _ = HighwayLSTM(3, 8, iterations=None)(x)
+    y_parent, _ = torch.nn.LSTM(3, 8)(x)
+    assert type(y_ours.grad_fn).__name__ == type(y_parent.grad_fn).__name__  # the parent's own kernel and backward
+    long_x = torch.randn(EXACT_LSTM_MIN_TH // 8, 2, 3, requires_grad=True)
+    y_long, _ = HighwayLSTM(3, 8, iterations=None)(long_x)
+    assert type(y_long.grad_fn).__name__ != type(y_parent.grad_fn).__name__  # the compiled adjoint's Function

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["Plan", "plan", "switch", "kernels_status", "EXACT_LSTM_MIN_TH"]
+__all__ = ["Plan", "plan", "exact_adjoint_pays", "switch", "kernels_status", "EXACT_LSTM_MIN_TH"]
 
 # The LSTM's exact adjoint runs where T·H reaches this (module docstring).
 EXACT_LSTM_MIN_TH = 1 << 16
@@ -77,6 +77,13 @@ def _kernels(device: torch.device) -> str:
     return "eager torch"
 
 
+def exact_adjoint_pays(cell: str, T: int, H: int) -> bool:
+    """Whether exact mode's compiled adjoint beats the parent's exact BPTT at ``T`` steps of
+    width ``H`` (module docstring): always for the GRU, from ``T·H = 2^16`` for the LSTM.
+    The layers (``layer.lstm_layer``, ``rnn``) and ``plan`` all ask here."""
+    return cell == "gru" or T * H >= EXACT_LSTM_MIN_TH
+
+
 def plan(cell: str, tensors: tuple[torch.Tensor, ...], *, exact: bool, has_proj: bool, wants_grad: bool) -> Plan:
     """The plan for one layer and direction. ``tensors``: the time-major input (T, B, I),
     ``h0`` (B, H), then the LSTM's ``c0`` and the weights."""
@@ -89,8 +96,7 @@ def plan(cell: str, tensors: tuple[torch.Tensor, ...], *, exact: bool, has_proj:
     with torch.no_grad():  # the kernels' own test declines tensors that want a graph
         keeps_gates = not has_proj and reserve.supports(*tensors)
     if exact:
-        T, H = x.shape[0], tensors[1].shape[-1]  # time-major input, h0 (B, H)
-        faster = cell == "gru" or T * H >= EXACT_LSTM_MIN_TH
+        faster = exact_adjoint_pays(cell, x.shape[0], tensors[1].shape[-1])  # time-major x, h0 (B, H)
         if keeps_gates and faster and not torch.jit.is_tracing():
             return Plan(cell, x.device.type, x.dtype, "reserve", "exact-adjoint", kernels)
         return Plan(cell, x.device.type, x.dtype, "parent", "parent", kernels)

@@ -32,6 +32,7 @@ from torch import _VF
 from hwbptt import HighwayOptions
 
 from . import ops, reserve
+from .dispatch import exact_adjoint_pays
 from .lstm_math import LSTMWeights, lstm_cell_states
 from .ops import WEIGHT_NAMES, at_lengths
 
@@ -358,7 +359,8 @@ def lstm_layer(
     """
     has_proj = len(flat) == (5 if has_bias else 3)
     exact = options is None or options.exact
-    if exact and not functorch_active() and not (not has_proj and exact_by_tape(x, h0, c0, *flat)):
+    by_tape = not has_proj and exact_by_tape(x, h0, c0, *flat) and exact_adjoint_pays("lstm", x.shape[0], c0.shape[-1])
+    if exact and not functorch_active() and not by_tape:
         y, c_last = _lstm_autograd(x, h0, c0, flat, has_bias, has_proj, lengths)
     else:
         spec = _Spec(name, has_bias, has_proj, ops.autocast_dtype(x, "lstm"),

@@ -64,6 +64,7 @@ from hwbptt import Diagnostics, HighwayOptionsMixin
 from hwbptt.options import CheckFiniteMixin
 
 from . import ops
+from .dispatch import exact_adjoint_pays
 from .finite import nonfinite_at, nonfinite_at_step, raise_nonfinite
 from .layer import (exact_by_tape, forward_ad_requested, functorch_active, functorch_grad_levels, gru_layer, lstm_layer,
                     reverse_within)
@@ -136,6 +137,10 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
         small operators per step, and oneDNN's LSTM backward measured slower than the C loop."""
         if getattr(self, "proj_size", 0):
             return False
+        if isinstance(self, nn.LSTM) and isinstance(input, torch.Tensor):
+            T = input.shape[1 if self.batch_first and input.dim() == 3 else 0]
+            if not exact_adjoint_pays("lstm", T, self.hidden_size):  # oneDNN's exact BPTT is faster there
+                return False
         states = [] if hx is None else list(self._as_tuple(hx))
         return exact_by_tape(input, *states, *self._flat_weights)
 
