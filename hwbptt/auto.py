@@ -33,7 +33,7 @@ needs a gradient and ``report`` from every backward.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 from .options import Diagnostics, HighwayOptions, check_fidelity, check_probe_every
 
@@ -64,10 +64,13 @@ class AutoController:
     directions), ``exact_seconds``, ``choice`` (an int ``k``, or ``None`` for exact) and
     ``reason``; a divergence between probes adds ``{"step", "event": "diverged",
     "growth"}``.
+
+    ``timing`` (settable attribute): ``timing(probe) -> ({k: seconds}, exact_seconds)``
+    replaces each probe's measured times, e.g. by a cost model of the target device.
     """
 
     def __init__(self, fidelity: float = 0.99, probe_every: int = 50, ladder: tuple[int, ...] = LADDER,
-                 noise: float = 0.1):
+                 noise: float = 0.1, timing: Callable[[dict], tuple[dict, float]] | None = None):
         self.fidelity = check_fidelity(fidelity)
         self.probe_every = check_probe_every(probe_every)
         if not ladder or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in ladder):
@@ -76,6 +79,9 @@ class AutoController:
         if not 0.0 <= noise < 1.0:
             raise ValueError(f"noise must be in [0, 1), got noise={noise}")
         self.noise = float(noise)
+        # ``timing(probe) -> ({k: seconds}, exact_seconds)`` replaces a probe's measured times
+        # (a cost model of another device, or fixed numbers in tests); None: as measured.
+        self.timing = timing
         self.step = 0  # forward passes that needed a gradient
         self.choice: Any = _UNSET
         self._history: list[dict] = []
@@ -129,6 +135,8 @@ class AutoController:
         """Set ``choice`` from the probes of every direction; return the history entry.
         A function of ``results``, ``fidelity``, ``noise`` and the previous choice only."""
         probes = [results[key] for key in sorted(results, key=repr)]
+        if self.timing is not None:
+            probes = [dict(p, **dict(zip(("seconds", "exact_seconds"), self.timing(p)))) for p in probes]
         common = set.intersection(*(set(p["cosines"]) for p in probes))
         cosines = {k: min(p["cosines"][k] for p in probes) for k in sorted(common)}
         seconds = {k: sum(p["seconds"][k] for p in probes) for k in sorted(common)}

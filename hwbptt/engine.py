@@ -87,6 +87,7 @@ def highway_adjoint(
     gamma: float = 0.0,
     record: bool = False,
     observe: Callable[[int, Any, bool], Any] | None = None,
+    diverge: bool = True,
 ) -> tuple[Any, Diagnostics]:
     """Return the adjoint estimate after at most ``iterations`` iterations.
 
@@ -99,7 +100,11 @@ def highway_adjoint(
     The estimate returned is the last iterate ``u^j`` whose update did not grow above the
     smallest earlier one (``u^k`` itself while the updates shrink; ``u^0`` when
     ``iterations`` is 0): never one that grew out of a diverging path sum.
-    ``diagnostics.used`` is ``j``.
+    ``diagnostics.used`` is ``j``. This is the optimal truncation of a divergent series
+    (stop at its smallest term). ``diverge=False``, and ``gamma = 1``, turn it off: for
+    FPI (no residual) the ``k``-th update is the product of ``k`` step Jacobians, which
+    grows whenever they have norm above 1 without any harm to FPI's defining property
+    (exact on the last ``k + 1`` steps), so FPI always returns ``u^k``.
 
     ``observe(k, u, best)``, if given, is called with ``u^0`` and after every iteration
     (not on traced arrays); ``best`` says whether ``u^k`` is now the estimate that would be
@@ -109,9 +114,10 @@ def highway_adjoint(
     diagnostics = Diagnostics()
     traced = bool(getattr(ops, "traced", False))
     a = residual if gamma == 0.0 else residual * (1.0 - gamma)
+    diverge = diverge and gamma < 1.0
     u = ops.reverse_scan(a, local)
     if traced:
-        return _traced_loop(ops, a, residual, local, block, u, iterations, tol, gamma, record, diagnostics)
+        return _traced_loop(ops, a, residual, local, block, u, iterations, tol, gamma, record, diagnostics, diverge)
     scan_sum = getattr(ops, "reverse_scan_sum", None)
     dist = getattr(ops, "dist", None) or (lambda x, y: ops.norm(x - y))
     diagnostics.used = 0
@@ -141,7 +147,7 @@ def highway_adjoint(
         if best_d is not None:
             ratio = d / max(best_d, 1e-300)
             diagnostics.growth = ratio if diagnostics.growth is None else max(diagnostics.growth, ratio)
-            grew = d > best_d and d > floor
+            grew = diverge and d > best_d and d > floor
         is_best = not grew  # an update that did not grow above rounding: the latest iterate stands
         if is_best:
             best, diagnostics.used = u, k
@@ -157,7 +163,8 @@ def highway_adjoint(
 
 
 def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u: Any, iterations: int,
-                 tol: float | None, gamma: float, record: bool, diagnostics: Diagnostics) -> tuple[Any, Diagnostics]:
+                 tol: float | None, gamma: float, record: bool, diagnostics: Diagnostics,
+                 diverge: bool) -> tuple[Any, Diagnostics]:
     """The loop on symbolic arrays (see the ``traced`` note above): every iteration runs;
     the best iterate, the stop by ``tol`` or growth, and the diagnostics are selects.
     ``diagnostics.iterations``, ``update_norms``, ``diverged`` and ``growth`` become
@@ -185,6 +192,8 @@ def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u
         else:
             ratio = d / ops.where(best_d > 1e-30, best_d, 1e-30)
             grew = (d > best_d) & (d > floor)
+            if not diverge:
+                grew = grew & (d < 0.0)  # never
             better = ~grew
             if live is not None:
                 grew, better, ratio = grew & live, better & live, ops.where(live, ratio, 0.0 * ratio)

@@ -72,10 +72,8 @@ class HighwayDivergenceWarning(UserWarning):
 def check_iterations(value: Any) -> int | str | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        if value == AUTO:
-            return AUTO
-        raise ValueError(f"iterations must be an int >= 0, None (exact) or 'auto', got iterations={value!r}")
+    if isinstance(value, str) and value == AUTO:
+        return AUTO
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(
             f"iterations must be an int >= 0, None (exact) or 'auto', got {value!r} of type {type(value).__name__}"

@@ -403,7 +403,7 @@ class _HighwayRNNFunction(torch.autograd.Function):
             watch = None if observe is None else (lambda i, u, best: observe(i, lambda: u, best))
             return highway_adjoint(
                 a, local, block, iterations=cap, ops=TORCH_OPS, tol=opts.tol, gamma=opts.gamma, record=bool(mode),
-                observe=watch,
+                observe=watch, diverge=run.residual.kind != "none",  # no residual: FPI (see the engine)
             )
 
         if opts.probe is not None:  # iterations="auto": the exact adjoint by BPTT through the loop, and the ladder
