@@ -78,6 +78,10 @@ class Sink(dict):
         super().__init__()
         self._module = weakref.ref(module)
 
+    def __reduce__(self):
+        # pickled and deep-copied as the plain dict: the link to the module is this forward's only
+        return (dict, (dict(self),))
+
     def __setitem__(self, key: Hashable, value: Diagnostics) -> None:
         super().__setitem__(key, value)
         module = self._module()
