@@ -71,9 +71,9 @@ class ArrayOps(Protocol):
 # shrinks roughly like ``ρ^k`` with ``ρ ≈ ||J|| / (1 - ||K||)`` and grows when ``ρ > 1``,
 # where more iterations give a worse gradient. The loop measures ``d_k`` at every
 # iteration (one norm), returns the iterate with the smallest ``d_k`` (``k >= 1``) and
-# flags growth above the smallest earlier update. Updates under ``GROWTH_FLOOR ||u^0||``
-# are rounding noise around a converged estimate, never growth.
-GROWTH_FLOOR = 1e-3
+# flags growth above the smallest earlier update. Updates under ``GROWTH_FLOOR ||u^0||`` (1%)
+# are noise around a converged estimate (at that size the estimate is within 1% anyway), never growth.
+GROWTH_FLOOR = 1e-2
 
 
 def highway_adjoint(
