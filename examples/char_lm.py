@@ -53,7 +53,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seq-len", type=positive_int, default=256, help="characters per training sequence (default 256)")
     p.add_argument("--hidden", type=positive_int, default=128)
     p.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
-    p.add_argument("--iterations", type=iterations_list, default=[5], help="Highway-BP k values, comma-separated (default 5)")
+    p.add_argument("--iterations", type=iterations_list, default=["auto"],
+                   help="Highway-BP k values, comma-separated, or 'auto' (the fastest faithful mode; default auto)")
     p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=3e-3)
@@ -72,7 +73,7 @@ def run(args) -> int:
     for k in [None, *args.iterations]:
         model = copy.deepcopy(base)
         model.rnn.iterations = k
-        label = "BPTT" if k is None else f"Highway k={k}"
+        label = "BPTT" if k is None else "Highway auto" if k == "auto" else f"Highway k={k}"
         g = torch.Generator().manual_seed(args.seed + 1)
 
         def step_loss(m, step, g=g):

@@ -7,13 +7,16 @@ live in ``hwbptt.torch`` (PyTorch: the layers, the scan, the compiled kernels) a
 ``hwbptt.programs``.
 """
 
+from .auto import AutoController
 from .engine import ArrayOps, highway_adjoint
-from .options import Diagnostics, HighwayOptions, HighwayOptionsMixin, effective_iterations
+from .options import Diagnostics, HighwayDivergenceWarning, HighwayOptions, HighwayOptionsMixin, effective_iterations
 from .scan import linear_scan_reference
 from .schedule import IterationSchedule
 
 __all__ = [
     "ArrayOps",
+    "AutoController",
+    "HighwayDivergenceWarning",
     "Diagnostics",
     "HighwayOptions",
     "HighwayOptionsMixin",

@@ -60,8 +60,20 @@ class ArrayOps(Protocol):
 #   traced: bool                      True: ``norm`` returns a scalar array, and
 #   where(cond, x, y) -> array        elementwise select (scalars broadcast).
 # With ``traced`` and ``tol`` the loop runs to the cap but freezes ``u`` after the
-# first iteration that meets ``tol``: the same estimate as stopping there, computed
-# without a data-dependent branch. Ops without ``traced`` behave as before.
+# first iteration that meets ``tol`` (or diverges): the same estimate as stopping there,
+# computed without a data-dependent branch. Ops without ``traced`` behave as before.
+#
+# Optional: dist(x, y) -> float      ``norm(x - y)`` without forming ``x - y``.
+
+
+# Divergence (design note, "When it converges fast, and when not"). The update
+# ``d_k = ||u^k - u^{k-1}||`` is the sum over the paths through exactly ``k`` blocks; it
+# shrinks roughly like ``ρ^k`` with ``ρ ≈ ||J|| / (1 - ||K||)`` and grows when ``ρ > 1``,
+# where more iterations give a worse gradient. The loop measures ``d_k`` at every
+# iteration (one norm), returns the iterate with the smallest ``d_k`` (``k >= 1``) and
+# flags growth above the smallest earlier update. Updates under ``GROWTH_FLOOR ||u^0||`` (1%)
+# are noise around a converged estimate (at that size the estimate is within 1% anyway), never growth.
+GROWTH_FLOOR = 1e-2
 
 
 def highway_adjoint(
@@ -74,58 +86,126 @@ def highway_adjoint(
     tol: float | None = None,
     gamma: float = 0.0,
     record: bool = False,
+    observe: Callable[[int, Any, bool], Any] | None = None,
+    diverge: bool = True,
 ) -> tuple[Any, Diagnostics]:
-    """Return the adjoint estimate ``u^k`` after at most ``iterations`` iterations.
+    """Return the adjoint estimate after at most ``iterations`` iterations.
 
     ``residual`` (``a``), ``local`` (``ℓ``) and what ``block`` returns share one shape
     ``(T, ...)``. With ``tol`` the loop stops after the first iteration whose relative
-    update ``||u^k - u^{k-1}|| / ||u^k||`` is at most ``tol``. ``record`` fills the
-    returned diagnostics' ``update_norms`` (it costs one norm per iteration).
+    update ``||u^k - u^{k-1}|| / ||u^k||`` is at most ``tol``, or whose update grew (see
+    ``GROWTH_FLOOR``). ``record`` fills the returned diagnostics' ``update_norms`` (it
+    costs one more norm per iteration).
+
+    The estimate returned is the last iterate ``u^j`` whose update did not grow above the
+    smallest earlier one (``u^k`` itself while the updates shrink; ``u^0`` when
+    ``iterations`` is 0): never one that grew out of a diverging path sum.
+    ``diagnostics.used`` is ``j``. This is the optimal truncation of a divergent series
+    (stop at its smallest term). ``diverge=False``, and ``gamma = 1``, turn it off: for
+    FPI (no residual) the ``k``-th update is the product of ``k`` step Jacobians, which
+    grows whenever they have norm above 1 without any harm to FPI's defining property
+    (exact on the last ``k + 1`` steps), so FPI always returns ``u^k``.
+
+    ``observe(k, u, best)``, if given, is called with ``u^0`` and after every iteration
+    (not on traced arrays); ``best`` says whether ``u^k`` is now the estimate that would be
+    returned. A true return value stops the loop. A block with state between calls (the
+    LSTM ``"gates"`` split) uses it to keep the state that belongs to the best iterate.
     """
     diagnostics = Diagnostics()
     traced = bool(getattr(ops, "traced", False))
     a = residual if gamma == 0.0 else residual * (1.0 - gamma)
+    diverge = diverge and gamma < 1.0
     u = ops.reverse_scan(a, local)
-    scan_sum = None if traced else getattr(ops, "reverse_scan_sum", None)
+    if traced:
+        return _traced_loop(ops, a, residual, local, block, u, iterations, tol, gamma, record, diagnostics, diverge)
+    scan_sum = getattr(ops, "reverse_scan_sum", None)
+    dist = getattr(ops, "dist", None) or (lambda x, y: ops.norm(x - y))
+    diagnostics.used = 0
+    if observe is not None and observe(0, u, True):
+        return u, diagnostics
     spare = None  # with scan_sum: the estimate two iterations back, free to overwrite
-    stopped = None  # traced with tol: scalar boolean array, true once tol was met
-    for _ in range(iterations):
+    best, best_d, floor = u, None, 0.0
+    for k in range(1, iterations + 1):
         v = block(u)
         if gamma != 0.0:
             # The part of K moved into J: γ a_t ⊙ u_{t+1}.
             v = v + ops.shift_next(u) * residual * gamma
-        u_next = ops.reverse_scan(a, local + v) if scan_sum is None else scan_sum(a, local, v, spare)
-        if traced and (tol is not None or record):
-            u, stopped = _traced_update(ops, u, u_next, tol, stopped, diagnostics)
-            continue
-        diagnostics.iterations += 1
-        if tol is not None or record:
-            change = ops.norm(u_next - u) / max(ops.norm(u_next), 1e-30)
-            diagnostics.update_norms.append(change)
-            spare, u = u, u_next
-            if tol is not None and change <= tol:
-                break
+        if scan_sum is None:
+            u_next = ops.reverse_scan(a, local + v)
         else:
-            spare, u = u, u_next
-    return u, diagnostics
-
-
-def _traced_update(ops: Any, u: Any, u_next: Any, tol: float | None, stopped: Any, diagnostics: Diagnostics) -> tuple[Any, Any]:
-    """One iteration's bookkeeping on symbolic arrays (see the ``traced`` note above).
-
-    ``diagnostics.iterations`` and each ``update_norms`` entry become scalar arrays; an
-    iteration after the stop counts 0 and records a change of 0."""
-    norm_next = ops.norm(u_next)
-    change = ops.norm(u_next - u) / ops.where(norm_next > 1e-30, norm_next, 1e-30)
-    if tol is None:
+            u_next = scan_sum(a, local, v, None if spare is best else spare)
+        d = dist(u_next, u)
+        if k == 1:
+            floor = GROWTH_FLOOR * ops.norm(u)
         diagnostics.iterations += 1
-        diagnostics.update_norms.append(change)
-        return u_next, None
-    if stopped is None:  # the first iteration always runs
-        diagnostics.iterations = diagnostics.iterations + ops.where(change <= tol, 1, 1)
-        diagnostics.update_norms.append(change)
-        return u_next, change <= tol
-    diagnostics.iterations = diagnostics.iterations + ops.where(stopped, 0, 1)
-    diagnostics.update_norms.append(ops.where(stopped, 0.0 * change, change))
-    u = ops.where(stopped, u, u_next)
-    return u, stopped | (change <= tol)
+        change = None
+        if tol is not None or record:
+            change = d / max(ops.norm(u_next), 1e-30)
+            diagnostics.update_norms.append(change)
+        spare, u = u, u_next
+        grew = False
+        if best_d is not None:
+            ratio = d / max(best_d, 1e-300)
+            diagnostics.growth = ratio if diagnostics.growth is None else max(diagnostics.growth, ratio)
+            grew = diverge and d > best_d and d > floor
+        is_best = not grew  # an update that did not grow above rounding: the latest iterate stands
+        if is_best:
+            best, diagnostics.used = u, k
+            best_d = d if best_d is None else min(best_d, d)
+        else:
+            diagnostics.diverged = True
+        stop = observe is not None and observe(k, u, is_best)
+        if tol is not None and (change <= tol or grew):
+            break
+        if stop:
+            break
+    return best, diagnostics
+
+
+def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u: Any, iterations: int,
+                 tol: float | None, gamma: float, record: bool, diagnostics: Diagnostics,
+                 diverge: bool) -> tuple[Any, Diagnostics]:
+    """The loop on symbolic arrays (see the ``traced`` note above): every iteration runs;
+    the best iterate, the stop by ``tol`` or growth, and the diagnostics are selects.
+    ``diagnostics.iterations``, ``update_norms``, ``diverged`` and ``growth`` become
+    scalar arrays; an iteration after the stop counts 0 and records a change of 0."""
+    best, best_d, floor, stopped = u, None, None, None
+    diagnostics.used = None  # not readable from a trace
+    for k in range(1, iterations + 1):
+        v = block(u)
+        if gamma != 0.0:
+            v = v + ops.shift_next(u) * residual * gamma
+        u_next = ops.reverse_scan(a, local + v)
+        d = ops.norm(u_next - u)
+        if floor is None:
+            floor = GROWTH_FLOOR * ops.norm(u)
+        change = None
+        if tol is not None or record:
+            norm_next = ops.norm(u_next)
+            change = d / ops.where(norm_next > 1e-30, norm_next, 1e-30)
+        live = None if stopped is None else ~stopped  # this iteration counts
+        if best_d is None:
+            best, best_d = u_next, d
+            diagnostics.diverged = d < 0.0  # a false scalar array
+            diagnostics.growth = 0.0 * d
+            grew = d < 0.0
+        else:
+            ratio = d / ops.where(best_d > 1e-30, best_d, 1e-30)
+            grew = (d > best_d) & (d > floor)
+            if not diverge:
+                grew = grew & (d < 0.0)  # never
+            better = ~grew
+            if live is not None:
+                grew, better, ratio = grew & live, better & live, ops.where(live, ratio, 0.0 * ratio)
+            diagnostics.growth = ops.where(ratio > diagnostics.growth, ratio, diagnostics.growth)
+            diagnostics.diverged = diagnostics.diverged | grew
+            best = ops.where(better, u_next, best)
+            best_d = ops.where(better & (d < best_d), d, best_d)
+        diagnostics.iterations = diagnostics.iterations + (1 if live is None else ops.where(live, 1, 0))
+        if change is not None:
+            diagnostics.update_norms.append(change if live is None else ops.where(live, change, 0.0 * change))
+        u = u_next if live is None else ops.where(live, u_next, u)
+        if tol is not None:
+            done = (change <= tol) | grew
+            stopped = done if stopped is None else stopped | done
+    return best, diagnostics

@@ -1,6 +1,13 @@
 """The Highway-BP options every adapter exposes, and their validation.
 
-``iterations``  int >= 0, or ``None`` for the exact (BPTT) gradient.
+``iterations``  int >= 0, ``None`` for the exact (BPTT) gradient, or ``"auto"``: the layer
+                measures, every ``probe_every`` training steps, the cosine of each ``k`` of a
+                small ladder to the exact gradient and the time of each mode, and uses the
+                fastest mode (exact included) whose cosine is at least ``fidelity``
+                (``hwbptt.auto``).
+``fidelity``    float in (0, 1] (``"auto"`` only, default 0.99): the cosine to the exact
+                adjoint a mode must reach to be chosen.
+``probe_every`` int >= 1 (``"auto"`` only, default 50): training steps between probes.
 ``tol``         float > 0 or ``None``: stop once an iteration changes the adjoint estimate
                 by less than ``tol * ||w||`` (relative), capped by ``iterations``.
 ``gamma``       float in [0, 1]: the share of the residual moved into the block
@@ -41,7 +48,10 @@ __all__ = [
     "check_split",
     "check_diagnostics",
     "check_check_finite",
+    "check_fidelity",
+    "check_probe_every",
     "CheckFiniteMixin",
+    "HighwayDivergenceWarning",
     "effective_iterations",
 ]
 
@@ -49,13 +59,43 @@ SPLITS = ("gates", "step")
 DIAGNOSTICS = (False, True, "debug")
 
 
-def check_iterations(value: Any) -> int | None:
+AUTO = "auto"
+
+
+class HighwayDivergenceWarning(UserWarning):
+    """The Highway iteration's updates grew instead of shrinking (the path sum diverges:
+    the block part ``J`` is large against ``1 - ||K||``, a near-chaotic regime), so more
+    iterations give a worse gradient. Raised once per layer and direction; the layer's
+    diagnostics record every occurrence (``Diagnostics.diverged``, ``growth``)."""
+
+
+def check_iterations(value: Any) -> int | str | None:
     if value is None:
         return None
+    if isinstance(value, str) and value == AUTO:
+        return AUTO
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"iterations must be an int >= 0 or None (exact), got {value!r} of type {type(value).__name__}")
+        raise TypeError(
+            f"iterations must be an int >= 0, None (exact) or 'auto', got {value!r} of type {type(value).__name__}"
+        )
     if value < 0:
-        raise ValueError(f"iterations must be >= 0 or None (exact), got iterations={value}")
+        raise ValueError(f"iterations must be >= 0, None (exact) or 'auto', got iterations={value}")
+    return int(value)
+
+
+def check_fidelity(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"fidelity must be a float in (0, 1], got fidelity={value!r} of type {type(value).__name__}")
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"fidelity must be in (0, 1] (a cosine to the exact gradient), got fidelity={value}")
+    return float(value)
+
+
+def check_probe_every(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"probe_every must be an int >= 1, got probe_every={value!r} of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"probe_every must be an int >= 1 (training steps between probes), got probe_every={value}")
     return int(value)
 
 
@@ -101,6 +141,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "gamma": check_gamma,
     "split": check_split,
     "diagnostics": check_diagnostics,
+    "fidelity": check_fidelity,
+    "probe_every": check_probe_every,
 }
 
 
@@ -113,19 +155,36 @@ class HighwayOptions:
     gamma: float = 0.0
     split: str = "gates"
     diagnostics: bool | str = False
+    fidelity: float = 0.99
+    probe_every: int = 50
+    # Set by an ``"auto"`` controller, never by users: this backward is a probe. It returns
+    # the exact adjoint and measures the cosine and time of the estimates ``k = 0 .. max(probe)``
+    # (``hwbptt.auto``); ``iterations`` then holds ``max(probe)``.
+    probe: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
             object.__setattr__(self, name, check(getattr(self, name)))
+        if self.probe is not None:
+            object.__setattr__(self, "probe", tuple(int(k) for k in self.probe))
 
     @property
     def exact(self) -> bool:
         return self.iterations is None and self.tol is None
 
+    @property
+    def auto(self) -> bool:
+        return self.iterations == AUTO
+
 
 def effective_iterations(options: HighwayOptions, steps: int) -> int:
     """The iteration cap: ``iterations`` (``steps`` when only ``tol`` is set), never more
     than ``steps``, since ``steps`` iterations already give the exact gradient."""
+    if options.iterations == AUTO:
+        raise ValueError(
+            "iterations='auto' must be resolved to a mode by the layer's auto controller before the backward "
+            "(hwbptt.auto.AutoController.plan)"
+        )
     cap = steps if options.iterations is None else options.iterations
     return max(0, min(cap, steps))
 
@@ -148,13 +207,15 @@ class _ValidatedOption:
 
 
 class HighwayOptionsMixin:
-    """Gives a layer the five options as validated attributes."""
+    """Gives a layer the Highway options as validated attributes."""
 
     iterations = _ValidatedOption("iterations")
     tol = _ValidatedOption("tol")
     gamma = _ValidatedOption("gamma")
     split = _ValidatedOption("split")
     diagnostics = _ValidatedOption("diagnostics")
+    fidelity = _ValidatedOption("fidelity")
+    probe_every = _ValidatedOption("probe_every")
 
     def _set_highway_options(self, **values: Any) -> None:
         for name, value in values.items():
@@ -194,8 +255,22 @@ class Diagnostics:
     ``update_norms``  ``||w^k - w^{k-1}|| / ||w^k||`` for each iteration ``k = 1, 2, ...``.
     ``cosine``        (``diagnostics="debug"``) cosine of the adjoint estimate ``w`` to the
                       exact adjoint, over all steps.
+    ``diverged``      the absolute update ``d_k = ||w^k - w^{k-1}||`` grew above the smallest
+                      earlier one (``k >= 2``, above rounding): the path sum diverges. Always
+                      measured (one norm per iteration).
+    ``growth``        ``max_k d_k / min_{j<k} d_j`` over the iterations run (``None`` before
+                      two iterations); above 1 means the updates grew.
+    ``used``          the iterate returned: the last one whose update did not grow (the
+                      last one run unless ``diverged``).
+    ``probe``         (a probe of ``iterations="auto"``) ``{"cosines": {k: cos}, "seconds":
+                      {k: s}, "exact_seconds": s}``: the cosine to the exact adjoint of the
+                      estimate a fixed ``k`` would return, and the time to compute it.
     """
 
     iterations: int = 0
     update_norms: list[float] = field(default_factory=list)
     cosine: float | None = None
+    diverged: bool = False
+    growth: float | None = None
+    used: int | None = None
+    probe: dict | None = None

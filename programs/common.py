@@ -105,11 +105,14 @@ def positive_float(text: str) -> float:
     return value
 
 
-def iterations_list(text: str) -> list[int]:
-    """``"1,3,10"`` (or one value) -> ``[1, 3, 10]``; each an integer >= 0."""
-    values = []
+def iterations_list(text: str) -> list:
+    """``"1,3,10,auto"`` (or one value) -> ``[1, 3, 10, "auto"]``; each an integer >= 0 or ``auto``."""
+    values: list = []
     for part in text.replace(" ", "").split(","):
         if not part:
+            continue
+        if part == "auto":
+            values.append("auto")
             continue
         try:
             k = int(part)
@@ -409,6 +412,10 @@ def grad_cosine(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) 
     saved = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     exact = copy.deepcopy(model)
     set_highway(exact, iterations=None, tol=None)
+    # iterations="auto": measure the mode in use, without counting a training step
+    autos = [m for m in model.modules() if getattr(m, "iterations", None) == "auto"]
+    for m in autos:
+        m.iterations = m.highway_auto.choice if m.highway_auto.chosen else None
     grads = []
     for m in (model, exact):
         m.zero_grad(set_to_none=True)
@@ -416,6 +423,8 @@ def grad_cosine(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) 
         grads.append(
             torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in _recurrent_parameters(m)])
         )
+    for m in autos:
+        m.iterations = "auto"
     for p, g in zip(model.parameters(), saved):
         p.grad = g
     a, b = grads

@@ -46,7 +46,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--hidden", type=positive_int, default=32, help="hidden units (default 32)")
     p.add_argument("--batch", type=positive_int, default=32, help="batch size (default 32)")
     p.add_argument(
-        "--iterations", type=iterations_list, default=[0, 1, 3, 10], help="Highway-BP iterations k, comma-separated (default 0,1,3,10)"
+        "--iterations", type=iterations_list, default=[0, 1, 3, 10, "auto"],
+        help="Highway-BP iterations k, comma-separated; 'auto' picks the fastest mode whose gradient cosine to BPTT is >= 0.99 (default 0,1,3,10,auto)",
     )
     p.add_argument("--cell", choices=("lstm", "gru"), default="lstm", help="recurrent cell (default lstm)")
     p.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate (default 0.01)")
@@ -79,7 +80,7 @@ def run(args) -> int:
     def probe(m):
         return task.loss(m(probe_x), probe_y)
 
-    methods = [("BPTT (exact)", None)] + [(f"Highway k={k}", k) for k in args.iterations]
+    methods = [("BPTT (exact)", None)] + [("Highway auto" if k == "auto" else f"Highway k={k}", k) for k in args.iterations]
     print(
         f"demo: {args.cell.upper()} H={args.hidden}, recall task T={args.seq_len} (loss at the last step), "
         f"batch {args.batch}, {args.steps} steps per run, torch threads {torch.get_num_threads()}"

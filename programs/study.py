@@ -55,10 +55,13 @@ from .common import (
 )
 
 PROG = "python -m hwbptt study"
-PARTS = ("recall", "charlm", "schedule")
+PARTS = ("recall", "charlm", "schedule", "auto")
 
 FULL = dict(recall_T=512, recall_H=32, recall_steps=500, recall_seeds=3, char_T=256, char_H=128, char_steps=300, batch=32, cos_every=50)
 QUICK = dict(recall_T=96, recall_H=16, recall_steps=30, recall_seeds=1, char_T=48, char_H=32, char_steps=12, batch=16, cos_every=10)
+# Part 4 (programs/study_auto.py): a divergent GRU (recurrent weights scaled up) and a convergent LSTM.
+AUTO_FULL = dict(T=128, hidden=64, batch=32, steps=400, lr=3e-3, clip=1.0, probe_every=50, eval_every=25, cos_every=50, gru_scale=6.0)
+AUTO_QUICK = dict(T=32, hidden=24, batch=8, steps=12, lr=3e-3, clip=1.0, probe_every=5, eval_every=4, cos_every=4, gru_scale=6.0)
 
 
 def build_parser() -> ArgumentParser:
@@ -68,6 +71,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--recall-steps", type=positive_int, default=None, help="override the recall experiment's training steps")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds for the recall experiment (default 3; --quick 1)")
     p.add_argument("--char-steps", type=positive_int, default=None, help="override the char LM's training steps")
+    p.add_argument("--auto-steps", type=positive_int, default=None, help="override the auto experiment's training steps")
     p.add_argument("--corpus", default=None, help="text file for the char LM (default: the Python documentation topics)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=nonneg_int, default=1, help="torch CPU threads (default 1; 0: torch's choice)")
@@ -488,6 +492,28 @@ def render_markdown(data: dict) -> str:
             "![loss against time](figures/schedule_loss_vs_time.png)",
             "",
         ]
+    if "auto" in results:
+        from .study_auto import auto_findings
+
+        r = results["auto"]
+        c = r["config"]
+        lines += [
+            "## 4. `iterations=\"auto\"` against fixed k, in a divergent and a convergent regime",
+            "",
+            f"Char LMs on {c['corpus']} (T={c['T']}, H={c['hidden']}, batch {c['batch']}, {c['steps']} Adam steps, lr "
+            f"{c['lr']}, clipping {c['clip']}): a GRU with its recurrent weights scaled x{c['gru_scale']:g} at initialisation",
+            "(divergent: the block part is large against the residual) and an LSTM at its default initialisation",
+            f"(convergent). auto: `fidelity=0.99`, `probe_every={c['probe_every']}`. Validation loss every {c['eval_every']} steps,",
+            f"gradient cosine to BPTT every {c['cos_every']} steps (both off the clock). Probe overhead: the probe steps' time",
+            "beyond the median plain step, over the whole training time.",
+            "",
+            *[f"- {line}" for line in auto_findings(r)],
+            "",
+            format_table(r["header"], r["rows"], markdown=True),
+            "",
+            *[f"![{name}](figures/{name})" for name in r["figures"]],
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -540,6 +566,14 @@ def run(args) -> int:
     if "schedule" in parts:
         results["schedule"] = schedule_experiment(setup, figures, progress)
         print("\ntol and schedule:\n" + format_table(results["schedule"]["header"], results["schedule"]["rows"]))
+    if "auto" in parts:
+        from .study_auto import auto_experiment
+
+        acfg = dict(AUTO_QUICK if args.quick else AUTO_FULL)
+        if args.auto_steps:
+            acfg["steps"] = args.auto_steps
+        results["auto"] = auto_experiment(acfg, args, figures, progress)
+        print("\nauto:\n" + format_table(results["auto"]["header"], results["auto"]["rows"]))
     seconds = time.perf_counter() - started
     md = os.path.join(out, "results.md")
     js = os.path.join(out, "results.json")

@@ -18,8 +18,10 @@ gradient is not autograd through the loop but, for the upstream ``ℓ`` on that 
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
+import numpy as np
 from keras import ops
 
 from hwbptt.engine import highway_adjoint
@@ -28,7 +30,7 @@ from hwbptt.options import Diagnostics, HighwayOptions, effective_iterations
 from .backend_ops import KerasArrayOps, is_traced, match_shape
 from .steps import AnalyticLinearization
 
-__all__ = ["highway_sequence"]
+__all__ = ["highway_sequence", "auto_options", "auto_controller", "after_backward"]
 
 
 def _cosine(a: Any, b: Any, traced: bool) -> Any:
@@ -95,11 +97,19 @@ def backward(math: Any, options: HighwayOptions, params: list, x: Any, s0: Any, 
                 r = r * m
             return lin.fold(ops_.shift_next(r))
 
-        u, diag = highway_adjoint(
-            a, lin.fold(local), block,
-            iterations=_iteration_cap(options, x.shape[0]), ops=ops_,
-            tol=options.tol, gamma=options.gamma, record=bool(options.diagnostics),
-        )
+        def iterate(observe=None):
+            return highway_adjoint(
+                a, lin.fold(local), block,
+                iterations=_iteration_cap(options, x.shape[0]), ops=ops_,
+                tol=options.tol, gamma=options.gamma, record=bool(options.diagnostics), observe=observe,
+                diverge=_has_residual(math),
+            )
+
+        if options.probe is not None:  # iterations="auto": the exact adjoint, timed, and the ladder
+            u, diag = _probe(iterate, lambda: _exact_for_debug(lin, local, m, block, a, options, x.shape[0], ops_),
+                             options, ops_.traced)
+        else:
+            u, diag = iterate()
         if options.diagnostics == "debug":
             exact_u = _exact_for_debug(lin, local, m, block, a, options, x.shape[0], ops_)
             diag.cosine = _cosine(u, exact_u, ops_.traced)
@@ -108,9 +118,53 @@ def backward(math: Any, options: HighwayOptions, params: list, x: Any, s0: Any, 
     ds0 = dprev0 if m is None else dprev0 + (1 - m[0]) * u[0]
     if gy is not None:
         ds0 = ds0 + routed[0]
-    if report is not None and options.diagnostics and not ops_.traced:
+    if report is not None and not ops_.traced and (options.diagnostics or diag.diverged or diag.probe is not None):
         report(diag)
     return dx, ds0, dparams
+
+
+def _has_residual(math: Any) -> bool:
+    """False for the cells without a residual (SimpleRNN, a user cell with ``residual``
+    None or ``"none"``): their iteration is FPI, which the engine never truncates."""
+    if type(math).__name__ == "SimpleRNNMath":
+        return False
+    opt = getattr(math, "residual_option", "identity")
+    return not (opt is None or opt == "none")
+
+
+def _probe(iterate: Callable, exact: Callable, options: HighwayOptions, traced: bool) -> tuple[Any, Diagnostics]:
+    """A probe of ``iterations="auto"`` (``hwbptt.auto``): the exact adjoint (returned) and
+    the cosine and time of each rung of the ladder, from one pass of the iteration."""
+    if traced:
+        raise ValueError(
+            "HighwayRNN: iterations='auto' measures cosines and times in Python, which a traced graph "
+            "(tf.function, jax.jit) cannot; compile the model with run_eagerly=True, use the torch backend, "
+            "or set a fixed iterations"
+        )
+    t = time.perf_counter()
+    ref = exact()
+    ref = ops.convert_to_numpy(ref)  # also waits for the device
+    exact_s = time.perf_counter() - t
+    rungs, cosines, seconds, clock = set(options.probe), {}, {}, {"start": 0.0, "off": 0.0}
+
+    def observe(k: int, u: Any, best: bool) -> bool:
+        est = ops.convert_to_numpy(u) if best and k in rungs else None
+        now = time.perf_counter()
+        if not best:
+            return True
+        if est is None:
+            return False
+        seconds[k] = now - clock["start"] - clock["off"]
+        e, r = est.astype("float64").ravel(), ref.astype("float64").ravel()
+        den = float(np.linalg.norm(e) * np.linalg.norm(r))
+        cosines[k] = float(e @ r) / den if den > 0 else float(np.array_equal(e, r))
+        clock["off"] += time.perf_counter() - now
+        return cosines[k] >= options.fidelity
+
+    clock["start"] = time.perf_counter()
+    _, diag = iterate(observe)
+    diag.probe = {"cosines": cosines, "seconds": seconds, "exact_seconds": exact_s}
+    return ops.convert_to_tensor(ref), diag
 
 
 def _exact_for_debug(lin: Any, local: Any, m: Any, block: Callable, a: Any, options: HighwayOptions,
@@ -147,3 +201,58 @@ def highway_sequence(math: Any, options: HighwayOptions, x: Any, s0: Any, params
         return seq, grad
 
     return op(x, s0, *params)
+
+
+def auto_options(layer: Any, options: HighwayOptions, steps: Any, training: Any, traced: bool) -> HighwayOptions:
+    """``iterations="auto"`` resolved for one call of the Keras layer (``hwbptt.auto``): a
+    training call plans a step (a probe or the current choice); any other call, which
+    runs no backward, is exact."""
+    import dataclasses
+
+    if not training:
+        return dataclasses.replace(options, iterations=None, tol=None)
+    if traced:
+        raise ValueError(
+            "HighwayRNN: iterations='auto' measures cosines and times in Python at each probe, which a traced "
+            "graph (tf.function, jax.jit; model.fit compiles one by default) cannot; use "
+            "model.compile(..., run_eagerly=True), the torch backend, or a fixed iterations"
+        )
+    if steps is None:
+        raise ValueError("HighwayRNN: iterations='auto' needs a static sequence length (the ladder is capped at T)")
+    return auto_controller(layer).plan(options, int(steps))
+
+
+def auto_controller(layer: Any) -> Any:
+    """The layer's ``hwbptt.auto.AutoController`` (created at first use)."""
+    from hwbptt.auto import AutoController
+
+    ctl = layer.__dict__.get("_highway_auto")
+    if ctl is None:
+        ctl = AutoController(layer.fidelity, layer.probe_every)
+        object.__setattr__(layer, "_highway_auto", ctl)
+    return ctl
+
+
+def after_backward(layer: Any, diagnostics: Diagnostics) -> None:
+    """The probe's report to the controller, or the divergence warning of a fixed ``k``
+    (once per layer)."""
+    import warnings
+
+    from hwbptt.options import HighwayDivergenceWarning
+
+    ctl = layer.__dict__.get("_highway_auto")
+    if ctl is not None and layer.iterations == "auto":
+        ctl.report(0, diagnostics)
+        return
+    if not diagnostics.diverged or layer.__dict__.get("_highway_divergence_warned"):
+        return
+    object.__setattr__(layer, "_highway_divergence_warned", True)
+    warnings.warn(
+        HighwayDivergenceWarning(
+            f"HighwayRNN ({layer.name}): the Highway-BP updates grew {diagnostics.growth:.3g}x over "
+            f"{diagnostics.iterations} iterations (iterations={layer.iterations}): the path sum diverges, so more "
+            f"iterations give a worse gradient; the estimate of iteration {diagnostics.used} was kept. Use "
+            "iterations='auto', fewer iterations, or iterations=None (exact). Warned once per layer."
+        ),
+        stacklevel=2,
+    )

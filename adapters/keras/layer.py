@@ -22,7 +22,8 @@ from keras import ops
 from hwbptt.options import HighwayOptionsMixin
 
 from . import gate_dropout, tf_kernels, torch_kernels
-from .gradient import highway_sequence
+from .backend_ops import is_traced
+from .gradient import after_backward, auto_controller, auto_options, highway_sequence
 from .gru import GRUMath
 from .lstm import LSTMMath
 from .simple_rnn import SimpleRNNMath
@@ -73,6 +74,12 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
     - ``split``: ``"gates"`` or ``"step"``, for LSTMs (``hwbptt.options``).
     - ``diagnostics``: ``False``, ``True`` or ``"debug"``; after a backward pass in
       eager execution, ``last_diagnostics`` holds a ``hwbptt.Diagnostics``.
+    - ``iterations="auto"`` with ``fidelity`` (default 0.99) and ``probe_every`` (default
+      50): every ``probe_every`` training calls the exact adjoint and the ladder's cosines
+      and times are measured and the fastest faithful mode is used (``hwbptt.auto``;
+      ``highway_auto.history``). Needs eager execution (``run_eagerly=True``, or the torch
+      backend); non-training calls are exact. A fixed ``k`` whose updates grow warns once
+      (``hwbptt.HighwayDivergenceWarning``) in eager execution.
     - ``residual`` (user cells only): ``"identity"``, ``None``/``"none"`` (FPI) or a
       callable ``(x_t, states_prev, states_new) -> multipliers`` giving ``diag K_t``.
 
@@ -85,7 +92,8 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
     """
 
     def __init__(self, layer: Any, iterations: int | None = 3, tol: float | None = None, gamma: float = 0.0,
-                 split: str = "gates", diagnostics: bool | str = False, residual: Any = None, **kwargs: Any):
+                 split: str = "gates", diagnostics: bool | str = False, residual: Any = None,
+                 fidelity: float = 0.99, probe_every: int = 50, **kwargs: Any):
         if not isinstance(layer, keras.layers.RNN):
             raise TypeError(
                 "HighwayRNN wraps a Keras recurrent layer (keras.layers.LSTM, GRU, SimpleRNN or "
@@ -93,7 +101,8 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
             )
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(**kwargs)
-        self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, split=split, diagnostics=diagnostics)
+        self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, split=split, diagnostics=diagnostics,
+                                  fidelity=fidelity, probe_every=probe_every)
         self.residual = check_residual(residual)
         if residual is not None and _analytic_math(layer.cell) is not None:
             raise ValueError(
@@ -107,6 +116,11 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
         self.supports_masking = True
         object.__setattr__(self, "last_diagnostics", None)
         self._check_supported()
+
+    @property
+    def highway_auto(self) -> Any:
+        """The ``"auto"`` controller (``hwbptt.auto.AutoController``: ``choice``, ``history``)."""
+        return auto_controller(self)
 
     # ------------------------------------------------------------ checks
     def _check_supported(self) -> None:
@@ -245,7 +259,12 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
             x_tm = ops.flip(x_tm, axis=0)
             m_tm = None if m_tm is None else ops.flip(m_tm, axis=0)
 
-        report = lambda d: object.__setattr__(self, "last_diagnostics", d)
+        if options.auto:  # "auto" resolved to this call's mode (adapters/keras/gradient.py)
+            options = auto_options(self, options, x.shape[1], training, is_traced(x))
+
+        def report(d):  # every eager backward's diagnostics; the probe report and the divergence warning
+            object.__setattr__(self, "last_diagnostics", d)
+            after_backward(self, d)
         if torch_kernels.applies(cell, x_tm, m_tm, gate_masks):
             out, final = torch_kernels.run(cell, self._params(x.dtype), x_tm, states, options, report)
             return self._finish(out, final)
@@ -302,6 +321,8 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
             gamma=self.gamma,
             split=self.split,
             diagnostics=self.diagnostics,
+            fidelity=self.fidelity,
+            probe_every=self.probe_every,
             residual=residual,
             go_backwards=self.layer.go_backwards,
         )

@@ -69,8 +69,8 @@ def applies(cell: Any, x: Any, mask: Any, gate_masks: Any, options: HighwayOptio
     """Whether ``run`` takes this cell and time-major input."""
     if not _state["enabled"] or keras.backend.backend() != "tensorflow":
         return False
-    if mask is not None or gate_masks is not None or options.diagnostics:
-        return False
+    if mask is not None or gate_masks is not None or options.diagnostics or options.probe is not None:
+        return False  # diagnostics and "auto" probes are reported by the keras.ops path
     if str(x.dtype) not in ("float32", "float64", "<dtype: 'float32'>", "<dtype: 'float64'>"):
         return False
     if type(cell) is keras.layers.GRUCell and not cell.reset_after:

@@ -43,6 +43,7 @@ from hwbptt.engine import highway_adjoint
 from hwbptt.options import CheckFiniteMixin, Diagnostics, HighwayOptions, HighwayOptionsMixin, effective_iterations
 from .scan import TORCH_OPS
 
+from .auto import TRANSIENT, after_backward, plan, probe_adjoint
 from .finite import nonfinite_at, nonfinite_at_step, raise_nonfinite
 from .layer import forward_ad_requested, functorch_active
 
@@ -302,6 +303,30 @@ def _check_recompute(new: Sequence[torch.Tensor], saved: Sequence[torch.Tensor])
 # ----------------------------------------------------------------------------- autograd
 
 
+def _exact_adjoint_by_loop(run: "_Run", x: torch.Tensor, s0: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The exact adjoint ``w_t = ∂L/∂s_t`` (T, B, N) by BPTT through the step-by-step loop:
+    each state is fed on as ``s_t + ε_t`` with ``ε_t = 0``, so ``∂L/∂ε_t`` is the total
+    gradient on ``s_t``. What the exact mode (``iterations=None``) computes, at its cost."""
+    T, B = x.shape[0], x.shape[1]
+    state = tuple(s.detach() for s in s0)
+    eps: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    with torch.enable_grad():
+        for t in range(T):
+            new = _check_new_state(run.cell(x[t].detach(), _pack(state, run.is_tuple)), state, run.is_tuple, t)
+            e = [torch.zeros_like(c, requires_grad=True) for c in new]
+            state = tuple(c + z for c, z in zip(new, e))
+            eps += e
+            outs += list(state)
+        n = len(s0)
+        cot = [g[t] if g is not None else torch.zeros_like(outs[t * n + i]) for t in range(T) for i, g in enumerate(grads)]
+        live = [(o, c) for o, c in zip(outs, cot) if o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in live], eps, [c for _, c in live], allow_unused=True)
+    got = [torch.zeros_like(e) if g is None else g for g, e in zip(got, eps)]
+    per_step = [_flat(got[t * n : (t + 1) * n], list(s0), 1, B) for t in range(T)]
+    return torch.cat(per_step, 0)
+
+
 class _Run:
     """What one forward call hands its backward (not tensors)."""
 
@@ -385,16 +410,32 @@ class _HighwayRNNFunction(torch.autograd.Function):
         opts = run.options
         cap = effective_iterations(opts, T)
         mode = opts.diagnostics
-        w, diagnostics = highway_adjoint(
-            a, local, block, iterations=cap, ops=TORCH_OPS, tol=opts.tol, gamma=opts.gamma, record=bool(mode)
-        )
+
+        def iterate(observe=None):
+            watch = None if observe is None else (lambda i, u, best: observe(i, lambda: u, best))
+            return highway_adjoint(
+                a, local, block, iterations=cap, ops=TORCH_OPS, tol=opts.tol, gamma=opts.gamma, record=bool(mode),
+                observe=watch, diverge=run.residual.kind != "none",  # no residual: FPI (see the engine)
+            )
+
+        if opts.probe is not None:  # iterations="auto": the exact adjoint by BPTT through the loop, and the ladder
+            box: list = []
+            w, probe = probe_adjoint(
+                lambda: _exact_adjoint_by_loop(run, x, s0, grad_stacked), lambda obs: box.append(iterate(obs)[1]),
+                lambda w: w, opts, local,
+            )
+            diagnostics = box[0]
+            diagnostics.probe = probe
+        else:
+            w, diagnostics = iterate()
         if mode == "debug":
             exact, _ = highway_adjoint(a, local, block, iterations=T, ops=TORCH_OPS)
             num = float((w * exact).sum())
             den = TORCH_OPS.norm(w) * TORCH_OPS.norm(exact)
             diagnostics.cosine = num / den if den > 0 else (1.0 if TORCH_OPS.norm(w - exact) == 0 else 0.0)
-        if mode:
+        if mode or opts.probe is not None:
             run.module.last_diagnostics = diagnostics
+        after_backward(run.module, None, diagnostics)  # hook: auto's probe report, the divergence warning
 
         # One last VJP with the final adjoint: ∂L/∂θ = Σ_t w_t ∂F/∂θ, ∂L/∂x_t = w_t ∂F/∂x_t,
         # ∂L/∂s_{-1} = w_0 ∂F/∂s_{-1}.
@@ -463,7 +504,12 @@ class HighwayRNN(CheckFiniteMixin, nn.Module, HighwayOptionsMixin):
     Highway options (validated attributes, changeable between steps): ``iterations``
     (int >= 0, capped at T; ``None`` for exact), ``tol`` (relative early stop),
     ``gamma`` (residual shift, ``1`` is FPI), ``diagnostics`` (``False``, ``True`` or
-    ``"debug"``). ``split`` (an LSTM-layer option) is not used here.
+    ``"debug"``), ``fidelity`` and ``probe_every`` (for ``iterations="auto"``: every
+    ``probe_every`` steps the exact adjoint, by BPTT through the loop, and the ladder's
+    cosines and times are measured, and the fastest mode whose cosine reaches ``fidelity``
+    is used until the next probe; ``highway_auto.history`` records the choices). A fixed
+    ``k`` whose updates grow warns once (``hwbptt.HighwayDivergenceWarning``). ``split``
+    (an LSTM-layer option) is not used here.
 
     ``check_finite`` (bool, default ``False``; a validated attribute): raise
     ``FloatingPointError`` for a NaN/Inf in the input, the initial state (naming its batch
@@ -522,6 +568,8 @@ class HighwayRNN(CheckFiniteMixin, nn.Module, HighwayOptionsMixin):
         gamma: float = 0.0,
         diagnostics: bool | str = False,
         check_finite: bool = False,
+        fidelity: float = 0.99,
+        probe_every: int = 50,
     ):
         super().__init__()
         if not callable(cell):
@@ -532,14 +580,24 @@ class HighwayRNN(CheckFiniteMixin, nn.Module, HighwayOptionsMixin):
         # Not registered as a submodule even when it is one: it only decides the split.
         object.__setattr__(self, "residual", _check_residual_option(residual))
         self.batch_first = batch_first
-        self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, diagnostics=diagnostics)
+        self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, diagnostics=diagnostics,
+                                  fidelity=fidelity, probe_every=probe_every)
         self.check_finite = check_finite
         self.last_diagnostics: Diagnostics | None = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["last_diagnostics"] = None  # transient: pickled models carry no Diagnostics
+        for name in TRANSIENT:  # nor the "auto" controller's measurements and warnings
+            state.pop(name, None)
         return state
+
+    @property
+    def highway_auto(self):
+        """The ``"auto"`` controller (``hwbptt.auto.AutoController``: ``choice``, ``history``)."""
+        from .auto import controller
+
+        return controller(self)
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
@@ -551,7 +609,7 @@ class HighwayRNN(CheckFiniteMixin, nn.Module, HighwayOptionsMixin):
     def extra_repr(self) -> str:
         res = self.residual if isinstance(self.residual, (str, type(None))) else getattr(self.residual, "__name__", "callable")
         extra = (
-            f"residual={res!r}, batch_first={self.batch_first}, iterations={self.iterations}, "
+            f"residual={res!r}, batch_first={self.batch_first}, iterations={self.iterations!r}, "
             f"tol={self.tol}, gamma={self.gamma}, diagnostics={self.diagnostics!r}"
         )
         if self.check_finite:
@@ -624,6 +682,8 @@ class HighwayRNN(CheckFiniteMixin, nn.Module, HighwayOptionsMixin):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(c.requires_grad for c in s0) or bool(params)
         )
+        if options.auto and needs_grad:  # hook: "auto" resolved to this step's mode (hwbptt.torch.auto)
+            options = plan(self, options, T)
         if not needs_grad or options.exact:
             stacked = _loop(self.cell, x, s0, is_tuple)
             self._check_residual_once(residual, x, s0, stacked, is_tuple)

@@ -83,13 +83,28 @@ class GRUTape:
         return TORCH_OPS.shift_next(torch.matmul(self.gate_grads(lam)[1], self.w.w_hh))
 
     def highway(self, lh: torch.Tensor, options: HighwayOptions) -> tuple[torch.Tensor, Diagnostics]:
+        """The adjoint estimate ``w``; a probe (``options.probe``, ``iterations="auto"``)
+        returns the exact adjoint and measures the ladder (``hwbptt.torch.auto.probe_adjoint``)."""
         if options.exact:  # BPTT's sequential adjoint (T Highway iterations would give it at T times the cost)
             return self.exact_adjoint(lh), Diagnostics()
         k = effective_iterations(options, lh.shape[0])
-        w, diag = highway_adjoint(
-            self.z_next, lh, self.block,
-            iterations=k, ops=TORCH_OPS, tol=options.tol, gamma=options.gamma, record=bool(options.diagnostics),
-        )
+
+        def iterate(observe=None):
+            watch = None if observe is None else (lambda i, u, best: observe(i, lambda: u, best))
+            return highway_adjoint(
+                self.z_next, lh, self.block, iterations=k, ops=TORCH_OPS, tol=options.tol, gamma=options.gamma,
+                record=bool(options.diagnostics), observe=watch,
+            )
+
+        if options.probe is not None:
+            from .auto import probe_adjoint
+
+            box: list = []
+            w, probe = probe_adjoint(lambda: self.exact_adjoint(lh), lambda obs: box.append(iterate(obs)[1]),
+                                     lambda w: w, options, lh)
+            box[0].probe = probe
+            return w, box[0]
+        w, diag = iterate()
         if options.diagnostics == "debug":
             ref = self.exact_adjoint(lh)
             diag.cosine = float(torch.nn.functional.cosine_similarity(w.flatten().double(), ref.flatten().double(), dim=0))

@@ -147,53 +147,85 @@ class LSTMTape:
     # -- the adjoint -------------------------------------------------------------------
     def highway(self, lh: torch.Tensor, lc: torch.Tensor, options: HighwayOptions) -> tuple[torch.Tensor, torch.Tensor, Diagnostics]:
         """Highway-BP estimate of ``(dc, wh)`` from the local gradients ``ℓh``, ``ℓc``
-        (exact options: the sequential adjoint, which ``T`` iterations would cost ``T`` times)."""
+        (exact options: the sequential adjoint, which ``T`` iterations would cost ``T`` times).
+        A probe (``options.probe``, ``iterations="auto"``) returns the exact adjoint and
+        measures the ladder (``hwbptt.torch.auto.probe_adjoint``)."""
         if options.exact:
             dc, wh = self.exact_adjoint(lh, lc)
             return dc, wh, Diagnostics()
-        k = effective_iterations(options, lh.shape[0])
-        record = bool(options.diagnostics)
-        if options.split == "gates":
-            block, wh_box = self._gates_block(lh)
-            dc, diag = highway_adjoint(
-                self.f_next, lc + self.readout(lh), block,
-                iterations=k, ops=TORCH_OPS, tol=options.tol, gamma=options.gamma, record=record,
-            )
-            wh = wh_box[0]
-        else:
-            H = lc.shape[-1]
-            residual = torch.cat([self.f_next, torch.zeros_like(lh)], dim=-1)
+        if options.probe is not None:
+            from .auto import probe_adjoint
 
-            def block(u: torch.Tensor) -> torch.Tensor:
-                wc, wh = u[..., :H], u[..., H:]
-                r = self.readout(wh)
-                to_c = r * self.f  # (dc - λc) ⊙ f_t: the readout part of c_{t-1}'s gradient
-                to_h = self.to_hidden(self.dpre(wc + r, wh))
-                return TORCH_OPS.shift_next(torch.cat([to_c, to_h], dim=-1))
+            box: list = []
 
-            u, diag = highway_adjoint(
-                residual, torch.cat([lc, lh], dim=-1), block,
-                iterations=k, ops=TORCH_OPS, tol=options.tol, gamma=options.gamma, record=record,
+            def iterate(observe):
+                box.append(self._iterate(lh, lc, options, observe)[2])
+
+            (dc, wh), probe = probe_adjoint(
+                lambda: self.exact_adjoint(lh, lc), iterate, lambda p: torch.cat([p[0], p[1]], -1), options, lh,
             )
-            wh = u[..., H:]
-            dc = u[..., :H] + self.readout(wh)
+            diag = box[0]
+            diag.probe = probe
+            return dc, wh, diag
+        dc, wh, diag = self._iterate(lh, lc, options, None)
         if options.diagnostics == "debug":
             dc_x, wh_x = self.exact_adjoint(lh, lc)
             est, ref = torch.cat([dc, wh], -1).flatten(), torch.cat([dc_x, wh_x], -1).flatten()
             diag.cosine = float(torch.nn.functional.cosine_similarity(est.double(), ref.double(), dim=0))
         return dc, wh, diag
 
+    def _iterate(self, lh: torch.Tensor, lc: torch.Tensor, options: HighwayOptions, observe) -> tuple:
+        """``(dc, wh, diagnostics)`` of the iteration; ``observe(k, current, best)`` (a
+        probe's) sees each iterate, ``current()`` giving it as ``(dc, wh)``."""
+        k = effective_iterations(options, lh.shape[0])
+        record = bool(options.diagnostics)
+        if options.split == "gates":
+            block, wh_box, kept = self._gates_block(lh)
+
+            def watch(i, u, best):
+                if best:  # the wh that belongs to the iterate the engine would return
+                    kept[0] = wh_box[0]
+                return observe is not None and observe(i, lambda: (u, wh_box[0]), best)
+
+            dc, diag = highway_adjoint(
+                self.f_next, lc + self.readout(lh), block,
+                iterations=k, ops=TORCH_OPS, tol=options.tol, gamma=options.gamma, record=record, observe=watch,
+            )
+            return dc, kept[0], diag
+        H = lc.shape[-1]
+        residual = torch.cat([self.f_next, torch.zeros_like(lh)], dim=-1)
+
+        def block(u: torch.Tensor) -> torch.Tensor:
+            wc, wh = u[..., :H], u[..., H:]
+            r = self.readout(wh)
+            to_c = r * self.f  # (dc - λc) ⊙ f_t: the readout part of c_{t-1}'s gradient
+            to_h = self.to_hidden(self.dpre(wc + r, wh))
+            return TORCH_OPS.shift_next(torch.cat([to_c, to_h], dim=-1))
+
+        def split(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            wh = u[..., H:]
+            return u[..., :H] + self.readout(wh), wh
+
+        watch = None if observe is None else (lambda i, u, best: observe(i, lambda: split(u), best))
+        u, diag = highway_adjoint(
+            residual, torch.cat([lc, lh], dim=-1), block,
+            iterations=k, ops=TORCH_OPS, tol=options.tol, gamma=options.gamma, record=record, observe=watch,
+        )
+        dc, wh = split(u)
+        return dc, wh, diag
+
     def _gates_block(self, lh: torch.Tensor) -> tuple:
-        """The ``"gates"`` split's block ``dc -> R(q)`` with ``q_t = dpre_{t+1} W_hh``, and
-        the box holding the latest ``wh = ℓh + q`` (the block's state between calls)."""
-        wh_box = [lh]
+        """The ``"gates"`` split's block ``dc -> R(q)`` with ``q_t = dpre_{t+1} W_hh``, the
+        box holding the latest ``wh = ℓh + q`` (the block's state between calls) and the box
+        of the ``wh`` to keep (the caller's; a block must not overwrite it)."""
+        wh_box, kept = [lh], [lh]
 
         def block(dc: torch.Tensor) -> torch.Tensor:
             q = self.shifted_to_hidden(self.dpre(dc, wh_box[0]))
             wh_box[0] = lh + q
             return self.readout(q)
 
-        return block, wh_box
+        return block, wh_box, kept
 
     def exact_adjoint(self, lh: torch.Tensor, lc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact ``(dc, wh)`` by the sequential adjoint recurrence (BPTT's order)."""
@@ -316,23 +348,25 @@ class FastLSTMTape(LSTMTape):
         T, B, P = lh.shape
         H = self.c.shape[-1]
         H4 = self.gates.shape[-1]
-        wh, r = workspace.empty((T, B, P), lh), workspace.empty((T, B, H), lh)
+        # Two wh buffers: the one the caller keeps (the iterate the engine would return, see
+        # ``_iterate``) is never the one written next.
+        whs, r = [workspace.empty((T, B, P), lh), workspace.empty((T, B, P), lh)], workspace.empty((T, B, H), lh)
         # dpre with one zero row after the last step: the product of rows 1..T with W_hh
         # is q itself (zero at the last step), with no copy into a shifted buffer.
         dpre_pad = workspace.empty((T + 1, B, H4), self.gates)
         dpre_pad[T].zero_()
         self._dpre_buf = dpre_buf = dpre_pad[:T]  # reused by input_grads
-        wh_box = [lh]
+        wh_box, kept = [lh], [lh]
 
         w_hh_t = self.w.w_hh.t().contiguous()
 
         def block(dc: torch.Tensor) -> torch.Tensor:
             self.dpre(dc, wh_box[0], out=dpre_buf)
             q = gemm.linear_t(dpre_pad[1:].view(-1, H4), w_hh_t).view(T, B, P)
-            wh_box[0] = torch.add(lh, q, out=wh)
+            wh_box[0] = torch.add(lh, q, out=whs[1] if kept[0] is whs[0] else whs[0])
             return torch.mul(self.to_m(q), self.readout_gain, out=r)
 
-        return block, wh_box
+        return block, wh_box, kept
 
     def exact_adjoint(self, lh: torch.Tensor, lc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """On CPU without a projection, one C time loop (``reserve.lstm_adjoint``), which also

@@ -113,19 +113,21 @@ _DIAGNOSTICS = {False: "off", True: "on", "debug": "debug"}
 _DIAGNOSTICS_BACK = {v: k for k, v in _DIAGNOSTICS.items()}
 
 
-def option_args(options: HighwayOptions | None) -> tuple[int, float | None, float, str, str]:
-    """``(iterations, tol, gamma, split, diagnostics)`` for an operator: ``iterations=-1``
-    is ``None``; ``options=None`` is the exact gradient."""
+def option_args(options: HighwayOptions | None) -> tuple[int, float | None, float, str, str, list[int]]:
+    """``(iterations, tol, gamma, split, diagnostics, probe)`` for an operator:
+    ``iterations=-1`` is ``None``; ``options=None`` is the exact gradient; ``probe`` the
+    ladder of an ``"auto"`` probe (``hwbptt.auto``), empty otherwise."""
     if options is None:
-        return (-1, None, 0.0, "gates", "off")
+        return (-1, None, 0.0, "gates", "off", [])
     iterations = -1 if options.iterations is None else int(options.iterations)
     tol = None if options.tol is None else float(options.tol)
-    return (iterations, tol, float(options.gamma), options.split, _DIAGNOSTICS[options.diagnostics])
+    probe = [] if options.probe is None else [int(k) for k in options.probe]
+    return (iterations, tol, float(options.gamma), options.split, _DIAGNOSTICS[options.diagnostics], probe)
 
 
-def _options(iterations: int, tol: float | None, gamma: float, split: str, diagnostics: str) -> HighwayOptions:
+def _options(iterations: int, tol: float | None, gamma: float, split: str, diagnostics: str, probe: list[int]) -> HighwayOptions:
     return HighwayOptions(iterations=None if iterations < 0 else iterations, tol=tol, gamma=gamma, split=split,
-                          diagnostics=_DIAGNOSTICS_BACK[diagnostics])
+                          diagnostics=_DIAGNOSTICS_BACK[diagnostics], probe=tuple(probe) if probe else None)
 
 
 # ----------------------------------------------------------------------------- autocast
@@ -302,7 +304,7 @@ def _lstm_backward(
     grad_y: Tensor, grad_c_last: Tensor, x: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None, gates: Tensor, c: Tensor, tanh_c: Tensor,
     gain: Tensor, lengths: Tensor | None, iterations: int, tol: float | None, gamma: float, split: str,
-    diagnostics: str, handle: int, key: list[int], needs: list[bool],
+    diagnostics: str, probe: list[int], handle: int, key: list[int], needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """From ``grad_y`` (T, B, P) and ``grad_c_last`` (B, H): one tensor per input of
     ``LSTM_GRAD_NAMES``, its gradient where ``needs`` asks for it, else an empty placeholder.
@@ -314,7 +316,7 @@ def _lstm_backward(
         w = LSTMWeights(w_ih, w_hh, b_ih, b_hh, w_hr)
         tape = _lstm_tape(x, y, h0, c0, w, gates, c, tanh_c, gain)
         lc = _last_step_gradient(tape.c, grad_c_last, lengths)
-        dc, wh, diag = tape.highway(grad_y, lc, _options(iterations, tol, gamma, split, diagnostics))
+        dc, wh, diag = tape.highway(grad_y, lc, _options(iterations, tol, gamma, split, diagnostics, probe))
         _store(handle, key, diag)
         want = {n: bool(need and t is not None) for n, t, need in zip(LSTM_GRAD_NAMES, inputs, needs)}
         return _grads_out(tape.input_grads(dc, wh, want), LSTM_GRAD_NAMES, inputs, needs)
@@ -322,7 +324,7 @@ def _lstm_backward(
 
 @_lstm_backward.register_fake
 def _(grad_y, grad_c_last, x, y, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gates, c, tanh_c, gain, lengths, iterations,
-      tol, gamma, split, diagnostics, handle, key, needs):
+      tol, gamma, split, diagnostics, probe, handle, key, needs):
     return _grads_fake((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), needs)
 
 
@@ -370,7 +372,7 @@ GRU_GRAD_NAMES = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")
 def _gru_backward(
     grad_y: Tensor, x: Tensor, y: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None, gates: Tensor, gh: Tensor, iterations: int, tol: float | None, gamma: float, split: str,
-    diagnostics: str, handle: int, key: list[int], needs: list[bool],
+    diagnostics: str, probe: list[int], handle: int, key: list[int], needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """From ``grad_y`` (T, B, H): one tensor per input of ``GRU_GRAD_NAMES`` (as
     ``lstm_backward``)."""
@@ -378,15 +380,15 @@ def _gru_backward(
     _check_needs(needs, len(inputs))
     with _kernel_context(x):
         tape = _gru_tape(x, y, h0, GRUWeights(w_ih, w_hh, b_ih, b_hh), gates, gh)
-        w, diag = tape.highway(grad_y, _options(iterations, tol, gamma, split, diagnostics))
+        w, diag = tape.highway(grad_y, _options(iterations, tol, gamma, split, diagnostics, probe))
         _store(handle, key, diag)
         want = {n: bool(need and t is not None) for n, t, need in zip(GRU_GRAD_NAMES, inputs, needs)} | {"w_hr": False}
         return _grads_out(tape.input_grads(w, want), GRU_GRAD_NAMES, inputs, needs)
 
 
 @_gru_backward.register_fake
-def _(grad_y, x, y, h0, w_ih, w_hh, b_ih, b_hh, gates, gh, iterations, tol, gamma, split, diagnostics, handle, key,
-      needs):
+def _(grad_y, x, y, h0, w_ih, w_hh, b_ih, b_hh, gates, gh, iterations, tol, gamma, split, diagnostics, probe, handle,
+      key, needs):
     return _grads_fake((x, h0, w_ih, w_hh, b_ih, b_hh), needs)
 
 

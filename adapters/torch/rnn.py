@@ -63,6 +63,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from hwbptt import Diagnostics, HighwayOptionsMixin
 from hwbptt.options import CheckFiniteMixin
 
+from . import auto as highway_auto
 from . import ops
 from .dispatch import exact_adjoint_pays
 from .finite import nonfinite_at, nonfinite_at_step, raise_nonfinite
@@ -89,13 +90,22 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
     unpickled module gets a fresh, empty one.
     """
 
-    def _init_highway(self, iterations: Any, tol: Any, gamma: Any, split: Any, diagnostics: Any, check_finite: Any) -> None:
-        self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, split=split, diagnostics=diagnostics)
+    @property
+    def highway_auto(self):
+        """The ``"auto"`` controller (``hwbptt.auto.AutoController``: ``choice``, ``history``)."""
+        return highway_auto.controller(self)
+
+    def _init_highway(self, iterations: Any, tol: Any, gamma: Any, split: Any, diagnostics: Any, check_finite: Any,
+                      fidelity: Any = 0.99, probe_every: Any = 50) -> None:
+        self._set_highway_options(iterations=iterations, tol=tol, gamma=gamma, split=split, diagnostics=diagnostics,
+                                  fidelity=fidelity, probe_every=probe_every)
         self.check_finite = check_finite
         self._open_diagnostics()
 
     def _open_diagnostics(self) -> None:
-        handle = ops.open_sink({})
+        # The backward stores each layer's diagnostics here; each entry runs auto.after_backward
+        # (the "auto" controller, the divergence warning).
+        handle = ops.open_sink(highway_auto.Sink(self))
         self.__dict__["_diagnostics_handle"] = handle
         weakref.finalize(self, ops.close_sink, handle)
 
@@ -107,6 +117,8 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
     def __getstate__(self) -> dict:
         state = super().__getstate__()  # RNNBase drops its weight references
         state.pop("_diagnostics_handle", None)
+        for name in highway_auto.TRANSIENT:  # the "auto" controller's measurements and warnings
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -115,7 +127,9 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
 
     def extra_repr(self) -> str:
         o = self.highway_options
-        extra = f", iterations={o.iterations}, tol={o.tol}, gamma={o.gamma}, split={o.split!r}"
+        extra = f", iterations={o.iterations!r}, tol={o.tol}, gamma={o.gamma}, split={o.split!r}"
+        if o.auto:
+            extra += f", fidelity={o.fidelity}, probe_every={o.probe_every}"
         if self.check_finite:
             extra += ", check_finite=True"
         return super().extra_repr() + extra
@@ -182,6 +196,9 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
     def _forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
         options = self.highway_options
+        if options.auto and self._needs_grad(input, hx):  # hook: "auto" resolved to this step's mode
+            steps = len(input.batch_sizes) if packed else input.shape[self._time_dim(input)]
+            options = highway_auto.plan(self, options, steps)
         check = self.check_finite
         if check:
             self._check_inputs_finite(input, hx)
@@ -356,7 +373,13 @@ class HighwayLSTM(_HighwayRNNBase, nn.LSTM):
     bias=True, batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
     device=None, dtype=None``), plus, keyword-only:
 
-    - ``iterations`` (int >= 0 or None, default 3): Highway iterations; None is exact BPTT.
+    - ``iterations`` (int >= 0, None or ``"auto"``, default 3): Highway iterations; None is
+      exact BPTT; ``"auto"`` probes every ``probe_every`` steps and uses the fastest mode
+      whose gradient cosine to exact is at least ``fidelity`` (``hwbptt.auto``; the choices
+      are in ``layer.highway_auto.history``).
+    - ``fidelity`` (float in (0, 1], default 0.99), ``probe_every`` (int >= 1, default 50):
+      ``"auto"``'s target and probe interval (training steps: forward passes that need a
+      gradient).
     - ``tol`` (float > 0 or None): stop once the relative update is below ``tol``.
     - ``gamma`` (float in [0, 1], default 0): residual shift; 1 is FPI.
     - ``split`` (``"gates"`` default, or ``"step"``): what counts as a block.
@@ -369,12 +392,15 @@ class HighwayLSTM(_HighwayRNNBase, nn.LSTM):
     (D·num_layers, N, H_out) and (D·num_layers, N, H_cell); returns ``output, (h_n, c_n)``.
 
     ``last_diagnostics`` maps ``(layer, direction)`` to ``hwbptt.Diagnostics`` after a
-    backward pass (with ``diagnostics`` set).
+    backward pass (with ``diagnostics`` set; ``diverged``/``growth`` always, a probe's
+    measurements in ``probe``). A fixed ``k`` whose updates grow (a diverging path sum)
+    warns once per layer and direction (``hwbptt.HighwayDivergenceWarning``).
     """
 
-    def __init__(self, *args, iterations=3, tol=None, gamma=0.0, split="gates", diagnostics=False, check_finite=False, **kwargs):
+    def __init__(self, *args, iterations=3, tol=None, gamma=0.0, split="gates", diagnostics=False, check_finite=False,
+                 fidelity=0.99, probe_every=50, **kwargs):
         nn.LSTM.__init__(self, *args, **kwargs)
-        self._init_highway(iterations, tol, gamma, split, diagnostics, check_finite)
+        self._init_highway(iterations, tol, gamma, split, diagnostics, check_finite, fidelity, probe_every)
 
     def _state_sizes(self) -> tuple[int, int]:
         return (self.proj_size if self.proj_size > 0 else self.hidden_size, self.hidden_size)
@@ -396,9 +422,10 @@ class HighwayGRU(_HighwayRNNBase, nn.GRU):
     Inputs, outputs and shapes are ``nn.GRU``'s: returns ``output, h_n``.
     """
 
-    def __init__(self, *args, iterations=3, tol=None, gamma=0.0, split="gates", diagnostics=False, check_finite=False, **kwargs):
+    def __init__(self, *args, iterations=3, tol=None, gamma=0.0, split="gates", diagnostics=False, check_finite=False,
+                 fidelity=0.99, probe_every=50, **kwargs):
         nn.GRU.__init__(self, *args, **kwargs)
-        self._init_highway(iterations, tol, gamma, split, diagnostics, check_finite)
+        self._init_highway(iterations, tol, gamma, split, diagnostics, check_finite, fidelity, probe_every)
 
     def _state_sizes(self) -> tuple[int]:
         return (self.hidden_size,)

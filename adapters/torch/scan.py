@@ -222,5 +222,11 @@ class _TorchArrayOps:
     def norm(x: torch.Tensor) -> float:
         return float(torch.linalg.vector_norm(x.float() if x.dtype in _LOW_PRECISION else x))
 
+    @staticmethod
+    def dist(x: torch.Tensor, y: torch.Tensor) -> float:
+        if x.dtype in _LOW_PRECISION:
+            x, y = x.float(), y.float()
+        return float(torch.dist(x, y))
+
 
 TORCH_OPS = _TorchArrayOps()

@@ -1,0 +1,169 @@
+"""``iterations="auto"``: the fastest gradient that stays within a fidelity target.
+
+Every ``probe_every`` training steps (and at the first), a layer in auto mode runs a
+*probe* backward: it computes the exact adjoint ``w*`` of that step (the gradient it
+returns for the step) and one pass of the Highway iteration, reading off after every
+rung ``k`` of a small ladder (``LADDER``, capped below ``T``) the cosine
+``cos(ŵ^k, w*)`` of the estimate a fixed ``k`` would return and the time it took to
+compute it. One pass serves the whole ladder: the estimates after each ``k`` come for
+free. Until the next probe the layer uses the fastest faithful mode:
+
+    faithful = {k : min over the layer's directions of cos(ŵ^k, w*) >= fidelity} ∪ {exact}
+    choice   = argmin over faithful of the measured time
+
+Because the cost of ``k`` iterations grows with ``k``, the only Highway candidate is the
+smallest faithful ``k``; it is compared with the exact adjoint's measured time. Exact
+wins only when it is faster by more than ``noise`` (relative): within the noise band the
+previous choice stands (the first time, the Highway ``k``), so timing jitter does not
+flip the mode from probe to probe. Choosing exact is a documented outcome, recorded in
+``history`` (on a CPU the compiled sequential adjoint can beat ``k`` batched iterations).
+
+The probe pass stops at the first rung that is faithful (larger ``k`` only cost more) or
+at the first iteration whose update grew (``hwbptt.engine``: a diverging path sum; the
+estimates of larger ``k`` would be the kept, earlier one).
+
+A Highway backward between probes that diverges asks for a probe at the next step: the
+regime changed.
+
+This module holds the decision only (no framework); the adapters run the probes
+(``hwbptt.torch.auto``, ``hwbptt.keras``) and call ``plan`` at every forward pass that
+needs a gradient and ``report`` from every backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Hashable
+
+from .options import Diagnostics, HighwayOptions, check_fidelity, check_probe_every
+
+__all__ = ["AutoController", "LADDER", "ladder_for", "EXACT"]
+
+LADDER = (0, 1, 2, 3, 5, 10, 20)
+EXACT = None  # the exact mode in ``choice`` and ``history`` (as ``iterations=None``)
+_UNSET = object()
+
+
+def ladder_for(steps: int, ladder: tuple[int, ...] = LADDER) -> tuple[int, ...]:
+    """The rungs below ``steps``: ``k >= T`` is the exact adjoint, a candidate of its own."""
+    rungs = tuple(k for k in ladder if k < steps)
+    return rungs or (0,)
+
+
+class AutoController:
+    """The probe schedule, the ladder and the choice of one layer in auto mode.
+
+    ``plan(options, steps)`` is called at every forward pass that needs a gradient (one
+    training step) and returns the concrete options of that pass: a probe
+    (``options.probe`` set) or the current choice. ``report(key, diagnostics)`` takes
+    what each backward measured, per direction ``key``. The decision is made at the next
+    ``plan`` from all the probe reports of the previous step.
+
+    ``history`` is a list of dicts, one per probe: ``step``, ``cosines`` (``{k: cos}``,
+    the minimum over the directions), ``seconds`` (``{k: s}``, summed over the
+    directions), ``exact_seconds``, ``choice`` (an int ``k``, or ``None`` for exact) and
+    ``reason``; a divergence between probes adds ``{"step", "event": "diverged",
+    "growth"}``.
+
+    ``timing`` (settable attribute): ``timing(probe) -> ({k: seconds}, exact_seconds)``
+    replaces each probe's measured times, e.g. by a cost model of the target device.
+    """
+
+    def __init__(self, fidelity: float = 0.99, probe_every: int = 50, ladder: tuple[int, ...] = LADDER,
+                 noise: float = 0.1, timing: Callable[[dict], tuple[dict, float]] | None = None):
+        self.fidelity = check_fidelity(fidelity)
+        self.probe_every = check_probe_every(probe_every)
+        if not ladder or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in ladder):
+            raise ValueError(f"ladder must be a non-empty tuple of ints >= 0, got ladder={ladder!r}")
+        self.ladder = tuple(sorted(set(ladder)))
+        if not 0.0 <= noise < 1.0:
+            raise ValueError(f"noise must be in [0, 1), got noise={noise}")
+        self.noise = float(noise)
+        # ``timing(probe) -> ({k: seconds}, exact_seconds)`` replaces a probe's measured times
+        # (a cost model of another device, or fixed numbers in tests); None: as measured.
+        self.timing = timing
+        self.step = 0  # forward passes that needed a gradient
+        self.choice: Any = _UNSET
+        self._history: list[dict] = []
+        self._pending: dict[Hashable, dict] = {}
+        self._probe_step: int | None = None
+        self._reprobe = False
+
+    # -- the adapters' calls ----------------------------------------------------------------
+    @property
+    def chosen(self) -> bool:
+        return self.choice is not _UNSET
+
+    @property
+    def history(self) -> list[dict]:
+        """The probes so far (a probe's entry appears once its backward has reported)."""
+        self.settle()
+        return self._history
+
+    def plan(self, options: HighwayOptions, steps: int) -> HighwayOptions:
+        """The options of this training step's backward."""
+        self.settle()
+        self.fidelity, self.probe_every = options.fidelity, options.probe_every
+        due = not self.chosen or self._reprobe or self.step % self.probe_every == 0
+        if due:
+            rungs = ladder_for(steps, self.ladder)
+            planned = dataclasses.replace(options, iterations=max(rungs), tol=None, probe=rungs)
+            self._probe_step, self._reprobe = self.step, False
+        else:
+            planned = dataclasses.replace(options, iterations=self.choice, probe=None)
+        self.step += 1
+        return planned
+
+    def report(self, key: Hashable, diagnostics: Diagnostics) -> None:
+        if diagnostics.probe is not None:
+            self._pending[key] = diagnostics.probe
+        elif diagnostics.diverged and not self._reprobe:
+            self._reprobe = True
+            self._history.append({"step": self.step - 1, "event": "diverged", "growth": diagnostics.growth})
+
+    def settle(self) -> None:
+        """Decide from the probe reports received since the last decision, if any."""
+        if not self._pending:
+            return
+        results, self._pending = self._pending, {}
+        entry = self.decide(results)
+        entry["step"] = self._probe_step
+        self._history.append(entry)
+
+    # -- the decision -----------------------------------------------------------------------
+    def decide(self, results: dict[Hashable, dict]) -> dict:
+        """Set ``choice`` from the probes of every direction; return the history entry.
+        A function of ``results``, ``fidelity``, ``noise`` and the previous choice only."""
+        probes = [results[key] for key in sorted(results, key=repr)]
+        if self.timing is not None:
+            probes = [dict(p, **dict(zip(("seconds", "exact_seconds"), self.timing(p)))) for p in probes]
+        common = set.intersection(*(set(p["cosines"]) for p in probes))
+        cosines = {k: min(p["cosines"][k] for p in probes) for k in sorted(common)}
+        seconds = {k: sum(p["seconds"][k] for p in probes) for k in sorted(common)}
+        exact_s = sum(p["exact_seconds"] for p in probes)
+        faithful = [k for k, c in cosines.items() if c >= self.fidelity]
+        previous = self.choice
+        if not faithful:
+            choice = EXACT
+            reason = f"no k of the ladder reached cosine {self.fidelity} (best {max(cosines.values()):.4f})"
+        else:
+            k = faithful[0]
+            t_k = seconds[k]
+            if exact_s < (1.0 - self.noise) * t_k:
+                choice, reason = EXACT, f"exact ({exact_s:.4g} s) is faster than k={k} ({t_k:.4g} s)"
+            elif t_k < (1.0 - self.noise) * exact_s:
+                choice, reason = k, f"k={k} ({t_k:.4g} s) is faster than exact ({exact_s:.4g} s)"
+            else:
+                choice = previous if previous in (k, EXACT) else k
+                what = "exact" if choice is EXACT else f"k={k}"
+                reason = f"k={k} ({t_k:.4g} s) and exact ({exact_s:.4g} s) within {self.noise:.0%}: {what} kept"
+        self.choice = choice
+        return {"cosines": cosines, "seconds": seconds, "exact_seconds": exact_s, "choice": choice, "reason": reason}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "choice": self.choice if self.chosen else "unset", "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.choice = _UNSET if state["choice"] == "unset" else state["choice"]
+        self._history = list(state["history"])

@@ -1,0 +1,336 @@
+"""Divergence detection and ``iterations="auto"`` (issue 16).
+
+The divergent case is a GRU whose recurrent weights are scaled up (x6 of the default
+initialisation: the block part of each step is large against the update gate's residual);
+the contractive case is the default initialisation. References are autograd BPTT through
+``nn.GRU``/``nn.LSTM`` or through the cell's Python loop, never the code under test.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hwbptt
+from hwbptt import AutoController, HighwayDivergenceWarning, highway_adjoint
+from hwbptt.torch import HighwayGRU, HighwayLSTM, HighwayRNN
+
+T, B, I, H = 48, 4, 8, 32
+DIVERGENT = 6.0
+
+
+def cheap_highway(probe):
+    """Injected timings: ``k`` iterations cost ``1 + k``, exact 100 (a parallel device)."""
+    return {k: 1.0 + k for k in probe["cosines"]}, 100.0
+
+
+def make(cls, scale=1.0, seed=0, **options):
+    torch.manual_seed(seed)
+    m = cls(I, H, **options)
+    with torch.no_grad():
+        m.weight_hh_l0.mul_(scale)
+    return m
+
+
+def data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(T, B, I, generator=g), torch.randn(T, B, H, generator=g)
+
+
+def grads(m, x, target):
+    m.zero_grad()
+    y, _ = m(x)
+    (y * target).sum().backward()
+    return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+
+def bptt_grads(m, x, target):
+    ref = (nn.LSTM if isinstance(m, nn.LSTM) else nn.GRU)(I, H, num_layers=m.num_layers)
+    ref.load_state_dict(m.state_dict())
+    return grads(ref, x, target)
+
+
+def cosine(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class NumpyOps:
+    @staticmethod
+    def reverse_scan(a, b):
+        u = np.zeros_like(b)
+        acc = np.zeros_like(b[0])
+        for t in range(len(b) - 1, -1, -1):
+            acc = b[t] + a[t] * acc
+            u[t] = acc
+        return u
+
+    @staticmethod
+    def shift_next(u):
+        return np.concatenate([u[1:], np.zeros_like(u[:1])])
+
+    @staticmethod
+    def norm(x):
+        return float(np.linalg.norm(x))
+
+
+def _linear_problem(gain, steps=40, n=6, seed=0):
+    """``w_t = ℓ_t + w_{t+1} (J + K)``, ``K = 0.5 I``, ``J = gain · M`` (M orthogonal)."""
+    rng = np.random.default_rng(seed)
+    M, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    J = gain * M
+    a = np.full((steps, n), 0.5)
+    a[-1] = 0.0  # the engine's a_t = K_{t+1}, zero after the last step
+    local = rng.standard_normal((steps, n))
+
+    def block(u):
+        return NumpyOps.shift_next(u @ J.T)
+
+    exact = np.zeros_like(local)
+    acc = np.zeros(n)
+    for t in range(steps - 1, -1, -1):
+        acc = local[t] + (acc @ J.T + 0.5 * acc if t < steps - 1 else 0.0)
+        exact[t] = acc
+    return a, local, block, exact
+
+
+def test_engine_flags_growth_and_keeps_the_best_iterate():
+    a, local, block, _ = _linear_problem(gain=1.5)  # ρ = 1.5 / (1 - 0.5) = 3: the path sum diverges
+    u5, d5 = highway_adjoint(a, local, block, iterations=5, ops=NumpyOps)
+    assert d5.diverged and d5.growth > 1.0 and d5.iterations == 5
+    # the iterate kept is the one the engine would have returned had it stopped there
+    u_used, d_used = highway_adjoint(a, local, block, iterations=d5.used, ops=NumpyOps)
+    assert not d_used.diverged
+    np.testing.assert_array_equal(u5, u_used)
+
+
+def test_engine_contractive_no_flag_and_exact_at_T():
+    a, local, block, exact = _linear_problem(gain=0.2)  # ρ = 0.4
+    u, d = highway_adjoint(a, local, block, iterations=40, ops=NumpyOps)
+    assert not d.diverged and d.used == 40 and d.growth < 1.0
+    np.testing.assert_allclose(u, exact, rtol=1e-10, atol=1e-10)
+
+
+def test_engine_tol_also_stops_on_divergence():
+    a, local, block, _ = _linear_problem(gain=1.5)
+    _, d = highway_adjoint(a, local, block, iterations=30, ops=NumpyOps, tol=1e-12)
+    assert d.diverged and d.iterations < 30
+
+
+# ----------------------------------------------------------------------------- the controller
+
+
+def _probe(cos, secs, exact_s):
+    return {"cosines": dict(cos), "seconds": dict(secs), "exact_seconds": exact_s}
+
+
+def test_controller_choice_rules():
+    ctl = AutoController(fidelity=0.99, noise=0.1)
+    # the smallest faithful k, when it is faster than exact
+    e = ctl.decide({(0, 0): _probe({0: 0.9, 1: 0.995, 2: 0.999}, {0: 1, 1: 2, 2: 3}, 10.0)})
+    assert e["choice"] == 1
+    # the minimum over directions decides faithfulness
+    e = ctl.decide({(0, 0): _probe({0: 0.9, 1: 0.995}, {0: 1, 1: 2}, 10.0), (0, 1): _probe({0: 0.9, 1: 0.98}, {0: 1, 1: 2}, 10.0)})
+    assert e["choice"] is None and "no k" in e["reason"]
+    # exact when it is faster by more than the noise band
+    e = ctl.decide({0: _probe({0: 0.999}, {0: 5.0}, 1.0)})
+    assert e["choice"] is None
+    # within the noise band the previous choice stands (here: exact), else the Highway k
+    e = ctl.decide({0: _probe({0: 0.999}, {0: 1.0}, 0.97)})
+    assert e["choice"] is None and "kept" in e["reason"]
+    fresh = AutoController(fidelity=0.99, noise=0.1)
+    assert fresh.decide({0: _probe({0: 0.999}, {0: 1.0}, 0.97)})["choice"] == 0
+
+
+def test_controller_probe_schedule():
+    from hwbptt import HighwayOptions
+
+    ctl = AutoController()
+    opts = HighwayOptions(iterations="auto", probe_every=3)
+    plans = []
+    for step in range(7):
+        p = ctl.plan(opts, steps=8)
+        plans.append(p.probe)
+        if p.probe is not None:
+            ctl.report(0, hwbptt.Diagnostics(probe=_probe({0: 0.5, 1: 0.995}, {0: 1, 1: 2}, 50.0)))
+    assert [p is not None for p in plans] == [True, False, False, True, False, False, True]
+    assert plans[0] == (0, 1, 2, 3, 5)  # rungs below T = 8
+    assert ctl.choice == 1 and [e["step"] for e in ctl.history] == [0, 3, 6]
+
+
+# ----------------------------------------------------------------------------- torch layers
+
+
+def test_divergent_gru_fixed_k_warns_once_and_keeps_best():
+    m = make(HighwayGRU, DIVERGENT, iterations=3)
+    x, target = data()
+    with pytest.warns(HighwayDivergenceWarning, match="iterations='auto'") as caught:
+        grads(m, x, target)
+    assert len([w for w in caught if issubclass(w.category, HighwayDivergenceWarning)]) == 1
+    d = m.last_diagnostics[(0, 0)]
+    assert d.diverged and d.growth > 1.0 and d.used < 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HighwayDivergenceWarning)
+        g3 = grads(m, x, target)  # once per layer: no second warning
+    m.iterations = d.used
+    np.testing.assert_allclose(grads(m, x, target), g3, rtol=1e-6, atol=1e-6)
+
+
+def test_divergent_lstm_gates_split_keeps_the_matching_hidden_adjoint():
+    # the "gates" block carries wh between iterations: the kept estimate must bring its own wh
+    m = make(HighwayLSTM, 8.0, iterations=6)
+    x, target = data()
+    with pytest.warns(HighwayDivergenceWarning):
+        g6 = grads(m, x, target)
+    used = m.last_diagnostics[(0, 0)].used
+    assert used < 6
+    m.iterations = used
+    np.testing.assert_allclose(grads(m, x, target), g6, rtol=1e-5, atol=1e-6)
+
+
+def test_tol_stops_on_divergence_torch():
+    m = make(HighwayGRU, DIVERGENT, iterations=20, tol=1e-9)
+    x, target = data()
+    with pytest.warns(HighwayDivergenceWarning):
+        grads(m, x, target)
+    d = m.last_diagnostics[(0, 0)]
+    assert d.diverged and d.iterations < 20
+
+
+@pytest.mark.parametrize("cls", [HighwayGRU, HighwayLSTM])
+def test_contractive_no_warning_and_auto_picks_k_below_T(cls):
+    x, target = data()
+    fixed = make(cls, iterations=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HighwayDivergenceWarning)
+        grads(fixed, x, target)
+        m = make(cls, iterations="auto", probe_every=4)
+        m.highway_auto.timing = cheap_highway
+        for _ in range(3):
+            g = grads(m, x, target)
+    choice = m.highway_auto.choice
+    assert isinstance(choice, int) and choice < T
+    assert cosine(g, bptt_grads(m, x, target)) >= 0.99
+    entry = m.highway_auto.history[0]
+    assert entry["cosines"][choice] >= 0.99 and all(c < 0.99 for k, c in entry["cosines"].items() if k < choice)
+
+
+def test_divergent_gru_auto_meets_fidelity_against_bptt():
+    m = make(HighwayGRU, DIVERGENT, iterations="auto", probe_every=3)
+    m.highway_auto.timing = cheap_highway  # even where Highway is cheaper, no k is faithful
+    x, target = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HighwayDivergenceWarning)  # auto handles it: no warning
+        for step in range(4):
+            x, target = data(seed=10 + step)
+            assert cosine(grads(m, x, target), bptt_grads(m, x, target)) >= 0.99
+    assert m.highway_auto.choice is None
+    assert all(e["choice"] is None for e in m.highway_auto.history if "choice" in e)
+
+
+def test_auto_choice_follows_a_regime_change():
+    m = make(HighwayGRU, iterations="auto", probe_every=2)
+    m.highway_auto.timing = cheap_highway
+    x, target = data()
+    for _ in range(2):
+        grads(m, x, target)
+    before = m.highway_auto.choice
+    with torch.no_grad():
+        m.weight_hh_l0.mul_(DIVERGENT)  # between probes: the next probe sees the new regime
+    for _ in range(2):
+        g = grads(m, x, target)
+    after = m.highway_auto.choice
+    assert isinstance(before, int) and after != before
+    assert cosine(g, bptt_grads(m, x, target)) >= 0.99
+
+
+def test_auto_is_deterministic_for_given_seeds():
+    def history():
+        m = make(HighwayLSTM, 2.0, seed=3, iterations="auto", probe_every=2, num_layers=2)
+        m.highway_auto.timing = cheap_highway
+        for step in range(5):
+            grads(m, *data(seed=step))
+        return [(e["step"], e["choice"], e["cosines"]) for e in m.highway_auto.history]
+
+    first, second = history(), history()
+    assert first == second and len(first) == 3
+
+
+def test_auto_on_a_cell():
+    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(5))
+    for scale, faithful_k in ((1.0, True), (DIVERGENT, False)):
+        torch.manual_seed(0)
+        cell = nn.GRUCell(I, H)
+        with torch.no_grad():
+            cell.weight_hh.mul_(scale)
+        m = HighwayRNN(cell, iterations="auto", probe_every=2)
+        m.highway_auto.timing = cheap_highway
+        for _ in range(3):
+            cell.zero_grad()
+            y, _ = m(x)
+            y.pow(2).sum().backward()
+        g = torch.cat([p.grad.flatten() for p in cell.parameters()])
+        cell.zero_grad()
+        m.iterations = None  # autograd through the Python loop: BPTT
+        y, _ = m(x)
+        y.pow(2).sum().backward()
+        ref = torch.cat([p.grad.flatten() for p in cell.parameters()])
+        assert cosine(g, ref) >= 0.99
+        assert isinstance(m.highway_auto.choice, int) == faithful_k
+
+
+def test_cell_fixed_k_divergence_warns():
+    torch.manual_seed(0)
+    cell = nn.GRUCell(I, H)
+    with torch.no_grad():
+        cell.weight_hh.mul_(DIVERGENT)
+    m = HighwayRNN(cell, iterations=4)
+    with pytest.warns(HighwayDivergenceWarning, match="HighwayRNN"):
+        y, _ = m(torch.randn(T, B, I))
+        y.pow(2).sum().backward()
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, needle",
+    [
+        (dict(iterations="fast"), TypeError, "'fast'"),
+        (dict(iterations="auto", fidelity=0.0), ValueError, "fidelity=0.0"),
+        (dict(iterations="auto", fidelity=1.5), ValueError, "fidelity=1.5"),
+        (dict(fidelity="high"), TypeError, "fidelity='high'"),
+        (dict(probe_every=0), ValueError, "probe_every=0"),
+        (dict(probe_every=2.5), TypeError, "probe_every=2.5"),
+        (dict(probe_every=True), TypeError, "probe_every=True"),
+    ],
+)
+@pytest.mark.parametrize("build", ["lstm", "gru", "cell"])
+def test_auto_options_validated(kwargs, error, needle, build):
+    with pytest.raises(error, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        if build == "lstm":
+            HighwayLSTM(I, H, **kwargs)
+        elif build == "gru":
+            HighwayGRU(I, H, **kwargs)
+        else:
+            HighwayRNN(nn.GRUCell(I, H), **kwargs)
+    m = HighwayGRU(I, H)
+    name, value = next(iter(kwargs.items())) if len(kwargs) == 1 else list(kwargs.items())[1]
+    with pytest.raises(error, match=name):
+        setattr(m, name, value)
+
+
+def test_auto_repr_and_core_stays_framework_free():
+    m = HighwayLSTM(I, H, iterations="auto", fidelity=0.95, probe_every=7)
+    assert "iterations='auto'" in repr(m) and "fidelity=0.95" in repr(m) and "probe_every=7" in repr(m)
+    import subprocess
+    import sys
+
+    code = "import hwbptt, hwbptt.auto, sys; assert 'torch' not in sys.modules and 'keras' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
