@@ -259,7 +259,7 @@ def test_operators_schema_and_fake(kind):
     x, h0 = data(T, B, I), data(B, H, seed=2)
     w = [m.weight_ih_l0.detach(), m.weight_hh_l0.detach(), m.bias_ih_l0.detach(), m.bias_hh_l0.detach()]
     tests = ("test_schema", "test_faketensor")
-    opts = (2, None, 0.0, "gates", "off", 0, [0])
+    opts = (2, None, 0.0, "gates", "off", [], 0, [0])  # ops.option_args (no probe), handle, key
     if kind == "lstm":
         c0 = data(B, H, seed=3)
         args = (x, h0, c0, *w, None, None, None)
