@@ -71,9 +71,12 @@ class ArrayOps(Protocol):
 # shrinks roughly like ``ρ^k`` with ``ρ ≈ ||J|| / (1 - ||K||)`` and grows when ``ρ > 1``,
 # where more iterations give a worse gradient. The loop measures ``d_k`` at every
 # iteration (one norm), returns the iterate with the smallest ``d_k`` (``k >= 1``) and
-# flags growth above the smallest earlier update. Updates under ``GROWTH_FLOOR ||u^0||`` (1%)
-# are noise around a converged estimate (at that size the estimate is within 1% anyway), never growth.
+# flags growth: an update over ``GROWTH_MARGIN`` times the smallest earlier one (a bump of a
+# few percent in a converging series is not divergence; geometric growth passes the margin
+# within a few iterations). Updates under ``GROWTH_FLOOR ||u^0||`` (1%) are noise around a
+# converged estimate (at that size the estimate is within 1% anyway), never growth.
 GROWTH_FLOOR = 1e-2
+GROWTH_MARGIN = 1.25
 
 
 def highway_adjoint(
@@ -147,7 +150,7 @@ def highway_adjoint(
         if best_d is not None:
             ratio = d / max(best_d, 1e-300)
             diagnostics.growth = ratio if diagnostics.growth is None else max(diagnostics.growth, ratio)
-            grew = diverge and d > best_d and d > floor
+            grew = diverge and d > GROWTH_MARGIN * best_d and d > floor
         is_best = not grew  # an update that did not grow above rounding: the latest iterate stands
         if is_best:
             best, diagnostics.used = u, k
@@ -191,7 +194,7 @@ def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u
             grew = d < 0.0
         else:
             ratio = d / ops.where(best_d > 1e-30, best_d, 1e-30)
-            grew = (d > best_d) & (d > floor)
+            grew = (d > GROWTH_MARGIN * best_d) & (d > floor)
             if not diverge:
                 grew = grew & (d < 0.0)  # never
             better = ~grew
