@@ -1,6 +1,7 @@
 """The kernel loader: it loads only the build this CPU runs, only from a file and folder
 nobody else can write, and each build it may load gives the eager reference's results."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -178,3 +179,19 @@ def test_plan_is_the_one_decision(monkeypatch):
     long_x = torch.randn(EXACT_LSTM_MIN_TH // 8, 2, 3, requires_grad=True)
     y_long, _ = HighwayLSTM(3, 8, iterations=None)(long_x)
     assert type(y_long.grad_fn).__name__ != type(y_parent.grad_fn).__name__  # the compiled adjoint's Function
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs TensorFlow")
+def test_tensorflow_first_then_a_training_step_imports_no_triton():
+    """Eager training steps call the layers' operator implementations directly: no
+    ``torch._dynamo`` import, so no Triton, which crashes a process that imported
+    TensorFlow first (here: the process survives, and Triton stays unloaded)."""
+    code = ("import tensorflow, sys, torch\n"
+            "from hwbptt.torch import HighwayGRU, HighwayLSTM\n"
+            "for m in (HighwayLSTM(3, 4), HighwayGRU(3, 4, iterations=None)):\n"
+            "    y, _ = m(torch.randn(5, 2, 3)); y.sum().backward()\n"
+            "print('triton' in sys.modules, 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert out.stdout.strip().splitlines()[-1] == "False False"

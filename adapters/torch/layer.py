@@ -95,12 +95,17 @@ def forward_ad_requested(*tensors: Any) -> bool:
 # ----------------------------------------------------------------------------- when the C adjoint runs
 
 
-@torch.compiler.assume_constant_result
 def _reserve_takes(dtype: torch.dtype) -> bool:
     """Whether ``reserve`` runs for CPU tensors of ``dtype`` (built, switched on): read
     once when a graph is traced, without Dynamo looking into the kernels' Python."""
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         return reserve.supports(torch.empty(0, dtype=dtype))
+
+
+# What ``torch.compiler.assume_constant_result`` does (it sets this one attribute), without
+# importing ``torch._dynamo`` at import: that imports Triton, which crashes a process that
+# imported TensorFlow first (docs/reliability.md).
+_reserve_takes._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def exact_by_tape(*tensors: torch.Tensor) -> bool:
@@ -197,7 +202,7 @@ class _LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, x, h0, c0, lengths, *flat):
-        return torch.ops.hwbptt.lstm_forward(x, h0, c0, *_weights(flat, spec.has_bias, spec.has_proj), lengths, spec.cast)
+        return ops.call("lstm_forward", x, h0, c0, *_weights(flat, spec.has_bias, spec.has_proj), lengths, spec.cast)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -229,7 +234,7 @@ class _LSTMFunction(torch.autograd.Function):
         else:
             mask = _op_needs(needs[:3], needs[3:], spec.has_bias, spec.has_proj)
             with torch.no_grad():
-                got = torch.ops.hwbptt.lstm_backward(
+                got = ops.call("lstm_backward",
                     grad_y, grad_c_last, x, y, h0, c0, *_weights(flat, spec.has_bias, spec.has_proj), gates, c, tanh_c,
                     gain, lengths, *spec.options, spec.handle, list(spec.key), mask)
             g = _from_op(got, 3, spec.has_bias, spec.has_proj, mask)
@@ -243,7 +248,7 @@ class _GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, x, h0, *flat):
-        return torch.ops.hwbptt.gru_forward(x, h0, *_weights(flat, spec.has_bias, False)[:4], spec.cast)
+        return ops.call("gru_forward", x, h0, *_weights(flat, spec.has_bias, False)[:4], spec.cast)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -271,7 +276,7 @@ class _GRUFunction(torch.autograd.Function):
         else:
             mask = _op_needs(needs[:2], needs[2:], spec.has_bias, False)[:6]
             with torch.no_grad():
-                got = torch.ops.hwbptt.gru_backward(
+                got = ops.call("gru_backward",
                     grad_y, x, y, h0, *_weights(flat, spec.has_bias, False)[:4], gates, gh, *spec.options, spec.handle,
                     list(spec.key), mask)
             g = _from_op((*got, None), 2, spec.has_bias, False, mask + [False])

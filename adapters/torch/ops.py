@@ -54,7 +54,7 @@ from .lstm_math import FastLSTMTape, LSTMWeights, make_lstm_tape
 
 __all__ = [
     "open_sink", "close_sink", "sink_of", "SinkLease", "option_args", "autocast_dtype", "at_lengths",
-    "WEIGHT_NAMES", "LSTM_GRAD_NAMES", "GRU_GRAD_NAMES",
+    "WEIGHT_NAMES", "LSTM_GRAD_NAMES", "GRU_GRAD_NAMES", "call",
 ]
 
 WEIGHT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
@@ -257,8 +257,7 @@ def _lstm_keeps(x: Tensor, h0: Tensor, c0: Tensor, flat: list[Tensor], has_proj:
     return not has_proj and reserve.supports(x, h0, c0, *flat)
 
 
-@torch.library.custom_op("hwbptt::lstm_forward", mutates_args=())
-def _lstm_forward(
+def _lstm_forward_impl(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
     w_hr: Tensor | None, lengths: Tensor | None, cast: torch.dtype | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -281,6 +280,9 @@ def _lstm_forward(
         return (y, c_last.contiguous(), *(x.new_empty(0) for _ in range(4)))
 
 
+_lstm_forward = torch.library.custom_op("hwbptt::lstm_forward", mutates_args=())(_lstm_forward_impl)
+
+
 @_lstm_forward.register_fake
 def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cast):
     flat = _flat(w_ih, w_hh, b_ih, b_hh, w_hr)
@@ -299,8 +301,7 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cast):
 LSTM_GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
 
 
-@torch.library.custom_op("hwbptt::lstm_backward", mutates_args=())
-def _lstm_backward(
+def _lstm_backward_impl(
     grad_y: Tensor, grad_c_last: Tensor, x: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None, gates: Tensor, c: Tensor, tanh_c: Tensor,
     gain: Tensor, lengths: Tensor | None, iterations: int, tol: float | None, gamma: float, split: str,
@@ -322,6 +323,9 @@ def _lstm_backward(
         return _grads_out(tape.input_grads(dc, wh, want), LSTM_GRAD_NAMES, inputs, needs)
 
 
+_lstm_backward = torch.library.custom_op("hwbptt::lstm_backward", mutates_args=())(_lstm_backward_impl)
+
+
 @_lstm_backward.register_fake
 def _(grad_y, grad_c_last, x, y, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gates, c, tanh_c, gain, lengths, iterations,
       tol, gamma, split, diagnostics, probe, handle, key, needs):
@@ -331,8 +335,7 @@ def _(grad_y, grad_c_last, x, y, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gates, c,
 # ----------------------------------------------------------------------------- GRU
 
 
-@torch.library.custom_op("hwbptt::gru_forward", mutates_args=())
-def _gru_forward(
+def _gru_forward_impl(
     x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
     cast: torch.dtype | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -348,6 +351,9 @@ def _gru_forward(
             return y, gates, gh
         y, _ = _VF.gru(x, h0.unsqueeze(0), flat, has_bias, 1, 0.0, False, False, False)
         return y, x.new_empty(0), x.new_empty(0)
+
+
+_gru_forward = torch.library.custom_op("hwbptt::gru_forward", mutates_args=())(_gru_forward_impl)
 
 
 @_gru_forward.register_fake
@@ -368,8 +374,7 @@ def _(x, h0, w_ih, w_hh, b_ih, b_hh, cast):
 GRU_GRAD_NAMES = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")
 
 
-@torch.library.custom_op("hwbptt::gru_backward", mutates_args=())
-def _gru_backward(
+def _gru_backward_impl(
     grad_y: Tensor, x: Tensor, y: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None, gates: Tensor, gh: Tensor, iterations: int, tol: float | None, gamma: float, split: str,
     diagnostics: str, probe: list[int], handle: int, key: list[int], needs: list[bool],
@@ -384,6 +389,9 @@ def _gru_backward(
         _store(handle, key, diag)
         want = {n: bool(need and t is not None) for n, t, need in zip(GRU_GRAD_NAMES, inputs, needs)} | {"w_hr": False}
         return _grads_out(tape.input_grads(w, want), GRU_GRAD_NAMES, inputs, needs)
+
+
+_gru_backward = torch.library.custom_op("hwbptt::gru_backward", mutates_args=())(_gru_backward_impl)
 
 
 @_gru_backward.register_fake
@@ -417,3 +425,22 @@ def _per_sample_rule(op: Callable) -> Callable:
 
 for _op in (_lstm_forward, _lstm_backward, _gru_forward, _gru_backward):
     _op.register_vmap(_per_sample_rule(_op))
+
+
+_IMPLS = {"lstm_forward": _lstm_forward_impl, "lstm_backward": _lstm_backward_impl,
+          "gru_forward": _gru_forward_impl, "gru_backward": _gru_backward_impl}
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def call(name: str, *args: Any) -> Any:
+    """The operator ``name`` (``torch.ops.hwbptt.<name>``) on ``args``: through the
+    dispatcher wherever a compiler or a ``torch.func`` transform has to see one call (a
+    graph being traced, fake or functional tensors, batched tensors), else its Python
+    implementation directly. Eager training then never imports ``torch._dynamo`` (which
+    every call of a Python custom operator does, and with it Triton, which crashes a
+    process that imported TensorFlow first) and skips the dispatcher's overhead."""
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or "VmapMode" in str(torch._C._dispatch_tls_local_include_set())  # is_grads_batched's vmap
+            or any(isinstance(a, Tensor) and type(a) not in _PLAIN for a in args)):
+        return getattr(torch.ops.hwbptt, name)(*args)
+    return _IMPLS[name](*args)

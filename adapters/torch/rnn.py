@@ -52,6 +52,7 @@ not the same random stream.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
@@ -190,8 +191,12 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
             return self._forward(input, hx)
         # Run eagerly, nested frames included: Dynamo refuses any nn.LSTM/nn.GRU instance
         # (this one too) unless torch._dynamo.config.allow_rnn is set, and it would then
-        # compile this layer's inner functions one by one, slower than running them.
-        return _forward_eagerly(self, input, hx)
+        # compile this layer's inner functions one by one, slower than running them. Without
+        # Dynamo in the process there is nothing to keep out (and importing it here would
+        # import Triton, which crashes a process that imported TensorFlow first).
+        if "torch._dynamo" not in sys.modules:
+            return self._forward(input, hx)
+        return _forward_eagerly()(self, input, hx)
 
     def _forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
@@ -363,7 +368,15 @@ class _HighwayRNNBase(CheckFiniteMixin, HighwayOptionsMixin):
         return layer_input, tuple(torch.stack(acc) for acc in finals)
 
 
-_forward_eagerly = torch.compiler.disable(_HighwayRNNBase._forward)
+_EAGER: list = []
+
+
+def _forward_eagerly():
+    """``_HighwayRNNBase._forward`` kept out of Dynamo (``torch.compiler.disable``), made at
+    the first call with Dynamo loaded."""
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_HighwayRNNBase._forward))
+    return _EAGER[0]
 
 
 class HighwayLSTM(_HighwayRNNBase, nn.LSTM):
