@@ -632,15 +632,17 @@ def run_keras_suite(suite: str, T: int, B: int, H: int, ks: list[int | None], re
 # ----------------------------------------------------------------------------- output
 
 
-def format_table(rows: list[dict]) -> str:
-    head = ["suite", "T", "B", "H", "k", "ms", "base ms", "speed-up", "bwd x", "mem x", "cosine", "floor x"]
+def format_table(rows: list[dict], last: tuple[str, str] = ("floor x", "floor_multiple"), ms: str = ".0f") -> str:
+    """The ratio table; ``last`` is the final column's (title, row key), ``ms`` the format
+    of the times (the GPU check prints a model column and finer times)."""
+    head = ["suite", "T", "B", "H", "k", "ms", "base ms", "speed-up", "bwd x", "mem x", "cosine", last[0]]
     lines = [head]
     for r in rows:
         def g(key: str, fmt: str) -> str:
             v = r.get(key)
             return "-" if v is None else format(v, fmt)
-        lines.append([r["suite"], str(r["T"]), str(r["B"]), str(r["H"]), r["k"], g("step_ms", ".0f"), g("base_step_ms", ".0f"),
-                      g("speedup", ".2f") + "x", g("bwd_speedup", ".2f"), g("mem_ratio", ".2f"), g("cosine", ".4f"), g("floor_multiple", ".2f")])
+        lines.append([r["suite"], str(r["T"]), str(r["B"]), str(r["H"]), r["k"], g("step_ms", ms), g("base_step_ms", ms),
+                      g("speedup", ".2f") + "x", g("bwd_speedup", ".2f"), g("mem_ratio", ".2f"), g("cosine", ".4f"), g(last[1], ".2f")])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))

@@ -686,19 +686,10 @@ def verdicts(rows: list[dict], min_T: int, dry_run: bool, max_k: int = 3, suites
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ["suite", "T", "B", "H", "k", "ms", "base ms", "speed-up", "bwd x", "mem x", "cosine", "model x"]
-    lines = [head]
-    for r in rows:
-        def g(key: str, fmt: str) -> str:
-            v = r.get(key)
-            return "-" if v is None else format(v, fmt)
+    """The bench's ratio table, with the H100 model's ratio as the last column."""
+    from hwbptt.programs.bench import format_table as ratio_table
 
-        lines.append([r["suite"], str(r["T"]), str(r["B"]), str(r["H"]), r["k"], g("step_ms", ".1f"), g("base_step_ms", ".1f"),
-                      g("speedup", ".2f") + "x", g("bwd_speedup", ".2f"), g("mem_ratio", ".2f"), g("cosine", ".4f"), g("model_speedup", ".2f")])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    text = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
+    return ratio_table(rows, last=("model x", "model_speedup"), ms=".1f")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

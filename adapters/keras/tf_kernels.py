@@ -166,16 +166,10 @@ def _weight_grad(a: Any, d: Any) -> Any:
 
 
 def _iterations(options: HighwayOptions, steps: int | None) -> int:
-    from hwbptt.options import effective_iterations
+    """The iteration cap (``gradient._iteration_cap``: k >= T give the exact adjoint, as T do)."""
+    from .gradient import _iteration_cap
 
-    if steps is not None:
-        return effective_iterations(options, steps)
-    if options.iterations is None:
-        raise ValueError(
-            "HighwayRNN: tol without iterations caps the iterations at the sequence length, which is not "
-            "static here; set iterations as well, or give the Input a fixed length"
-        )
-    return options.iterations  # k >= T iterations give the exact adjoint, as T do
+    return _iteration_cap(options, steps)
 
 
 _FUNCTIONS: dict = {}
