@@ -66,8 +66,11 @@ def _extensions():
     exts = []
     for suffix, level, flags in _levels():
         macros = [("CPU_CAPABILITY", level), (f"CPU_CAPABILITY_{level}", None)]
+        # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is compiled into
+        # this library; linked against libgomp.so.1, the loader reuses the runtime PyTorch
+        # already loaded (same soname), so the kernels run on PyTorch's own thread team.
         exts.append(CppExtension(f"hwbptt.torch._kernels_{suffix}", SOURCES, define_macros=macros,
-                                 extra_compile_args=COMMON + flags))
+                                 extra_compile_args=COMMON + flags + ["-fopenmp"], extra_link_args=["-fopenmp"]))
     return exts, {"build_ext": LenientBuild.with_options(use_ninja=True)}
 
 

@@ -195,3 +195,19 @@ def test_tensorflow_first_then_a_training_step_imports_no_triton():
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert out.returncode == 0, out.stderr[-1500:]
     assert out.stdout.strip().splitlines()[-1] == "False False"
+
+
+@needs_kernels
+def test_kernels_run_on_pytorchs_own_threads(torch_threads):
+    """The operators' loops split over PyTorch's intra-op threads (the build has OpenMP),
+    on the OpenMP runtime PyTorch loaded: no second runtime is mapped into the process."""
+    def gomp_files():
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1] for line in f if "gomp" in line}
+
+    before = gomp_files()
+    with torch_threads(2):
+        assert int(native.ops().parallel_threads()) == 2
+    with torch_threads(1):
+        assert int(native.ops().parallel_threads()) == 1
+    assert gomp_files() == before

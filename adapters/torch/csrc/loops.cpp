@@ -4,6 +4,8 @@
 // products. Recurrences are stated beside each; the Python wrappers hold the references.
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "kernels.h"
 
 namespace hwbptt {
@@ -64,7 +66,8 @@ void scan_lanes(int64_t Tn, int64_t M, int64_t K, bool reverse, int64_t lo, int6
 
 // dst[g, n] = src[n, g] for columns [lo, hi) of src, through 16 x 16 tiles so that reads
 // and writes both run along rows.
-void transpose_cols(int64_t N, int64_t lo, int64_t hi, const float* src, int64_t lds, float* dst, int64_t ldd) {
+void transpose_cols(int64_t N, int64_t lo, int64_t hi, const float* __restrict__ src, int64_t lds,
+                    float* __restrict__ dst, int64_t ldd) {
   int64_t n0 = 0;
   for (; n0 + 16 <= N; n0 += 16) {
     int64_t g0 = lo;
@@ -329,6 +332,16 @@ int64_t step_gemm_mode(int64_t mode) {
   const int64_t before = step_gemm_mode_ref();
   step_gemm_mode_ref() = static_cast<int>(mode);
   return before;
+}
+
+// How many of PyTorch's intra-op threads one of this library's parallel loops ran on (a
+// build without OpenMP runs its loops on one thread: the tests check that it does not).
+int64_t parallel_threads() {
+  std::vector<int> used(at::get_num_threads(), 0);
+  at::parallel_for(0, int64_t(1) << 16, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
+  int64_t n = 0;
+  for (int u : used) n += u;
+  return n;
 }
 
 bool has_blas() { return blas().s != nullptr && blas().d != nullptr; }

@@ -166,6 +166,7 @@ void gru_adjoint_out(const at::Tensor& gates, const at::Tensor& gh, const at::Te
 int64_t build_info();
 int64_t step_gemm_mode(int64_t mode);
 bool has_blas();
+int64_t parallel_threads();
 
 TORCH_LIBRARY(hwbptt, m) {
   m.def("lstm_gates_(Tensor(a!) pre, Tensor c0, Tensor(b!) c, Tensor(c!) tanh_c, Tensor(d!) gain) -> ()");
@@ -183,6 +184,7 @@ TORCH_LIBRARY(hwbptt, m) {
         "Tensor(b!) dgi, Tensor(c!) dgh) -> ()");
   m.def("build_info() -> int", &build_info);
   m.def("has_blas() -> bool", &has_blas);
+  m.def("parallel_threads() -> int", &parallel_threads);
   m.def("step_gemm_mode(int mode) -> int", &step_gemm_mode);
 }
 
