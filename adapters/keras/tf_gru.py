@@ -79,7 +79,10 @@ def _backward(act: str, ract: str, H: int, key: tuple) -> Any:
             def block(u):
                 return ops_.shift_next(tk._project(tile3(u) * C_rec, U, transpose_b=True))
 
-            u, _ = highway_adjoint(ops_.shift_next(z), lam, block, iterations=k, ops=ops_, tol=tol, gamma=gamma)
+            # diverge=False: this compiled route reports no diagnostics, so it keeps the last
+            # iterate as the LSTM route does (the keras.ops path detects divergence).
+            u, _ = highway_adjoint(ops_.shift_next(z), lam, block, iterations=k, ops=ops_, tol=tol, gamma=gamma,
+                                   diverge=False)
             ds0 = tf.matmul(tile3(u[0]) * C_rec[0], U, transpose_b=True) + u[0] * z[0]
         u3 = tile3(u)
         return u3 * C_in, u3 * C_rec, ds0

@@ -109,7 +109,8 @@ def _backward(act: str, ract: str, H: int, key: tuple) -> Any:
         else:
             residual = ops_.shift_next(tf.concat([tf.zeros_like(f), f], axis=-1))
             local = fold(tf.concat([lh, lc], axis=-1))
-            u, _ = highway_adjoint(residual, local, block, iterations=k, ops=ops_, tol=tol, gamma=gamma)
+            u, _ = highway_adjoint(residual, local, block, iterations=k, ops=ops_, tol=tol, gamma=gamma,
+                                   diverge=False)  # as tf_gru: no diagnostics reported here
             uh, dc = parts(u)
         d = delta(uh, dc)
         return d, tf.matmul(d[0], U, transpose_b=True), dc[0] * f[0]

@@ -59,9 +59,12 @@ def test_last_k_plus_one_positions_exact(case, k, gamma, split):
     gx_o, gx_p = time_major(case, g_o["x"]).double(), time_major(case, g_p["x"]).double()
     scale = max(float(gx_p.norm()), 1e-300)
     rtol = 1e-9 if case.dtype == torch.float64 else 2e-4
+    # Where a layer's path sum grew, the engine returns an earlier iterate (diagnostics.used):
+    # exact on that many more steps.
+    k_eff = min([d.used for d in ours.last_diagnostics.values() if d.diverged] + [k])
     for b in range(case.B):
         L = case.valid_length(b)
-        lo = max(0, L - 1 - k)
+        lo = max(0, L - 1 - k_eff)
         err = float((gx_o[lo:L, b] - gx_p[lo:L, b]).norm())
         assert err <= rtol * scale, f"row {b}: steps {lo}..{L - 1} off by {err / scale:.3g} (relative)"
         # padded steps of a packed batch get exactly zero
