@@ -33,7 +33,7 @@ def values(shape, dtype, g, nonfinite=True):
     return x
 
 
-def close(got, want, dtype):
+def assert_near(got, want, dtype):
     torch.testing.assert_close(got, want, equal_nan=True, **tol(dtype))
 
 
@@ -62,7 +62,7 @@ def test_lstm_gates_match_eager(H, dtype):
     c, tc, gain = (torch.empty(T, B, H, dtype=dtype) for _ in range(3))
     native.ops().lstm_gates_(got_pre, c0, c, tc, gain)
     for got, ref in zip((got_pre, c, tc, gain), want):
-        close(got, ref, dtype)
+        assert_near(got, ref, dtype)
 
 
 @needs_kernels
@@ -81,13 +81,13 @@ def test_gates_saturate_without_nan_from_finite_input(H, dtype):
     native.ops().lstm_gates_(out[0], c0, *out[1:])
     for got, ref in zip(out, ref_lstm_gates(pre, c0)):
         assert not torch.isnan(got).any()
-        close(got, ref, dtype)
+        assert_near(got, ref, dtype)
     gi, gh = values((T, B, 3 * H), dtype, g, nonfinite=False), values((T, B, 3 * H), dtype, g, nonfinite=False)
     gi[0] = -1e30
     got = gi.clone()
     native.ops().gru_gates_(got, gh)
     assert not torch.isnan(got).any()
-    close(got, ref_gru_gates(gi, gh), dtype)
+    assert_near(got, ref_gru_gates(gi, gh), dtype)
 
 
 @needs_kernels
@@ -104,7 +104,7 @@ def test_lstm_dpre_matches_eager(H, dtype):
     i, f, gg, o = gates.split(H, -1)
     cp = torch.cat([c0.unsqueeze(0), c[:-1]])
     want = torch.cat([dc * gg * i * (1 - i), dc * cp * f * (1 - f), dc * i * (1 - gg * gg), m * tc * o * (1 - o)], -1)
-    close(out, want, dtype)
+    assert_near(out, want, dtype)
 
 
 def ref_gru_gates(gi, gh):
@@ -124,7 +124,7 @@ def test_gru_gates_and_dgates_match_eager(H, dtype):
     gi, gh = values((T, B, 3 * H), dtype, g), values((T, B, 3 * H), dtype, g)
     got = gi.clone()
     native.ops().gru_gates_(got, gh)
-    close(got, ref_gru_gates(gi, gh), dtype)
+    assert_near(got, ref_gru_gates(gi, gh), dtype)
 
     gates = torch.rand(T, B, 3 * H, generator=g, dtype=torch.float64).to(dtype)
     lam, y = values((T, B, H), dtype, g), values((T, B, H), dtype, g)
@@ -136,8 +136,8 @@ def test_gru_gates_and_dgates_match_eager(H, dtype):
     dn = lam * (1 - z) * (1 - n * n)
     dz = lam * (hp - n) * z * (1 - z)
     dr = dn * gh[..., 2 * H:] * r * (1 - r)
-    close(dgh, torch.cat([dr, dz, dn * r], -1), dtype)
-    close(dgi, torch.cat([dr, dz, dn], -1), dtype)
+    assert_near(dgh, torch.cat([dr, dz, dn * r], -1), dtype)
+    assert_near(dgi, torch.cat([dr, dz, dn], -1), dtype)
 
 
 @needs_kernels
@@ -163,10 +163,10 @@ def test_scan_matches_sequential_loop(K, dtype, reverse):
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         prev = b[t] + c[t] if prev is None else a[t] * prev + b[t] + c[t]
         want[t] = prev
-    close(u, want, dtype)
+    assert_near(u, want, dtype)
     u2 = torch.empty(T, M, K, dtype=dtype)
     native.ops().scan_out(a, b, None, reverse, u2)
-    close(u2, linear_scan_reference(a, b, reverse=reverse), dtype)
+    assert_near(u2, linear_scan_reference(a, b, reverse=reverse), dtype)
 
 
 @needs_kernels
@@ -182,10 +182,10 @@ def test_reserve_forward_and_exact_adjoint_match_eager(H, dtype, product):
     g = torch.Generator().manual_seed(500 + H)
     T, B = 6, 5
     with step_product(product):
-        _reserve_forward_and_adjoint(H, dtype, g, T, B)
+        _assert_reserve_forward_and_adjoint(H, dtype, g, T, B)
 
 
-def _reserve_forward_and_adjoint(H, dtype, g, T, B):
+def _assert_reserve_forward_and_adjoint(H, dtype, g, T, B):
     w_hh = torch.randn(4 * H, H, generator=g, dtype=dtype) / H ** 0.5
     x_proj = torch.randn(T, B, 4 * H, generator=g, dtype=dtype)
     h0, c0 = torch.randn(B, H, generator=g, dtype=dtype), torch.randn(B, H, generator=g, dtype=dtype)
@@ -200,7 +200,7 @@ def _reserve_forward_and_adjoint(H, dtype, g, T, B):
         h = o * torch.tanh(cc)
         ys.append(h)
     if dtype == torch.float64:
-        close(y, torch.stack(ys), dtype)
+        assert_near(y, torch.stack(ys), dtype)
     else:  # a K-term product rounds differently in another summation order
         torch.testing.assert_close(y, torch.stack(ys), rtol=1e-5, atol=5e-6)
 
@@ -218,7 +218,7 @@ def _reserve_forward_and_adjoint(H, dtype, g, T, B):
         hs.append(h)
         cs.append(cc)
     (want,) = torch.autograd.grad((torch.stack(hs) * lh).sum() + (torch.stack(cs) * lc).sum(), xp)
-    close(dpre, want, dtype) if dtype == torch.float64 else torch.testing.assert_close(dpre, want, rtol=1e-4, atol=1e-5)
+    assert_near(dpre, want, dtype) if dtype == torch.float64 else torch.testing.assert_close(dpre, want, rtol=1e-4, atol=1e-5)
 
 
 @needs_kernels

@@ -47,7 +47,7 @@ def _grads(module: nn.Module, leaf: torch.Tensor, loss_fn) -> dict[str, torch.Te
     return out
 
 
-def _compare(got: dict, want: dict, tol: float, what: str) -> None:
+def _assert_match(got: dict, want: dict, tol: float, what: str) -> None:
     assert sorted(got) == sorted(want), (what, sorted(got), sorted(want))
     errors = {n: _rel(got[n], want[n]) for n in want}
     bad = {n: e for n, e in errors.items() if not e <= tol}
@@ -85,7 +85,7 @@ def test_layer_against_float64(device, small, model, dtype):
         # (T, B, I) leaves seen as (B, T, I): the layers get non-contiguous inputs
         want = _grads(ref, x_ref, lambda: _loss(ref, x_ref.transpose(0, 1), proj, proj_h))
         got = _grads(dut, x_dut, lambda: _loss(dut, x_dut.transpose(0, 1), *args))
-        _compare(got, want, REL[dtype], f"{model} {NAME[dtype]} T={T}")
+        _assert_match(got, want, REL[dtype], f"{model} {NAME[dtype]} T={T}")
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -104,7 +104,7 @@ def test_k_at_least_T_equals_cudnn_bptt(device, small, model):
             high = High(I, H, num_layers=2, bidirectional=True, iterations=k, device=device)
             high.load_state_dict(base.state_dict())
             got = _grads(high, x, lambda: _loss(high, x, proj, proj_h))
-            _compare(got, want, 1e-6 if k is None else EXACT, f"{model} T={T} k={k}")
+            _assert_match(got, want, 1e-6 if k is None else EXACT, f"{model} T={T} k={k}")
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -131,7 +131,7 @@ def test_packed_sequence(device, small, model):
     for k in (T, None):
         high = High(I, H, iterations=k, device=device)
         high.load_state_dict(base.state_dict())
-        _compare(_grads(high, x, lambda: loss(high)), want, 1e-6 if k is None else EXACT, f"packed {model} k={k}")
+        _assert_match(_grads(high, x, lambda: loss(high)), want, 1e-6 if k is None else EXACT, f"packed {model} k={k}")
     high = High(I, H, iterations=1, device=device)
     high.load_state_dict(base.state_dict())
     got = _grads(high, x, lambda: loss(high))
@@ -167,7 +167,7 @@ def test_highway_rnn_cell_exact(device, small, cell_type):
             y, _ = high(x)
             return (y * proj).sum()
 
-        _compare(_grads(cell, x, highway), want, EXACT, f"HighwayRNN({cell_type}) T={T}")
+        _assert_match(_grads(cell, x, highway), want, EXACT, f"HighwayRNN({cell_type}) T={T}")
 
 
 def test_triton_switched_off_gives_the_same_gradient(device, small, monkeypatch):
@@ -187,7 +187,7 @@ def test_triton_switched_off_gives_the_same_gradient(device, small, monkeypatch)
             assert not fused.supports(x.detach(), proj)
         eager = _grads(layer, x, lambda: _loss(layer, x, proj, proj_h))
         monkeypatch.delenv("HWBPTT_TRITON")
-        _compare(eager, with_triton, 1e-4, f"{High.__name__} HWBPTT_TRITON=0")
+        _assert_match(eager, with_triton, 1e-4, f"{High.__name__} HWBPTT_TRITON=0")
 
 
 def test_kernel_that_does_not_compile_fails_the_backward(device, triton_kernels, monkeypatch):
@@ -239,4 +239,4 @@ def test_torch_compile_smoke(device, small):
     finally:
         torch._dynamo.reset()
     assert abs(loss_compiled - loss_eager) <= 1e-5 * max(1.0, abs(loss_eager))
-    _compare(got, want, 1e-4, "torch.compile")
+    _assert_match(got, want, 1e-4, "torch.compile")

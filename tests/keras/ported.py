@@ -36,7 +36,7 @@ def _np(a):
     return np.asarray(a) if isinstance(a, (list, tuple, np.ndarray)) else ops.convert_to_numpy(ops.stop_gradient(a))
 
 
-def close(got, want, tol=1e-5):
+def assert_near(got, want, tol=1e-5):
     np.testing.assert_allclose(_np(got), _np(want), atol=tol, rtol=tol)
 
 
@@ -79,7 +79,7 @@ def assert_exact_grads(make, seq, tol=1e-4, **call):
         np.testing.assert_allclose(g / scale, r / scale, atol=tol, rtol=0)
 
 
-def run_basics(make, input_shape, expected_output_shape, trainable=None, non_trainable=0, losses=0,
+def assert_basics(make, input_shape, expected_output_shape, trainable=None, non_trainable=0, losses=0,
                non_trainable_variables=None, call=None):
     """The parts of Keras' ``run_layer_test`` that concern the wrapper: the output shape
     eagerly and symbolically, the weight, variable and loss counts, masking support, a
@@ -112,7 +112,7 @@ def run_basics(make, input_shape, expected_output_shape, trainable=None, non_tra
     clone.set_weights(layer.get_weights())
     a, b = layer(x, training=False), clone(x, training=False)
     for u, v in zip(a if isinstance(a, (list, tuple)) else [a], b if isinstance(b, (list, tuple)) else [b]):
-        close(u, v, 1e-6)
+        assert_near(u, v, 1e-6)
 
     # one training step
     model = keras.Model(inp, sym_outs[0])

@@ -13,18 +13,18 @@ import keras
 from keras import initializers
 
 from helpers import grads
-from ported import CONST, arange, close, rows, run_basics, wrap
+from ported import CONST, arange, assert_near, rows, assert_basics, wrap
 
 Bi, SimpleRNN, GRU, LSTM = keras.layers.Bidirectional, keras.layers.SimpleRNN, keras.layers.GRU, keras.layers.LSTM
 
 
 def test_basics():
-    run_basics_bi = lambda make, shape: _basics(make, shape)
-    run_basics_bi(lambda: Bi(wrap(SimpleRNN(4))), (3, 8))
-    run_basics_bi(lambda: Bi(wrap(SimpleRNN(4)), backward_layer=wrap(SimpleRNN(4, go_backwards=True)), merge_mode="sum"), (3, 4))
+    assert_basics_bi = lambda make, shape: _assert_basics(make, shape)
+    assert_basics_bi(lambda: Bi(wrap(SimpleRNN(4))), (3, 8))
+    assert_basics_bi(lambda: Bi(wrap(SimpleRNN(4)), backward_layer=wrap(SimpleRNN(4, go_backwards=True)), merge_mode="sum"), (3, 4))
 
 
-def _basics(make, shape):
+def _assert_basics(make, shape):
     layer = make()
     x = np.random.default_rng(0).normal(size=(3, 2, 4)).astype("float32")
     assert tuple(layer(x).shape) == shape
@@ -33,7 +33,7 @@ def _basics(make, shape):
     clone = Bi.from_config(layer.get_config())
     clone(x)
     clone.set_weights(layer.get_weights())
-    close(clone(x), layer(x), 1e-6)
+    assert_near(clone(x), layer(x), 1e-6)
     inp = keras.Input((2, 4))
     model = keras.Model(inp, make()(inp))
     model.compile(optimizer="sgd", loss="mse")
@@ -43,15 +43,15 @@ def _basics(make, shape):
 def test_correctness():
     seq = arange(2, 3, 4)
     forward = wrap(SimpleRNN(2, **CONST))
-    close(Bi(forward)(seq), [[0.39687276, 0.39687276, 0.10004295, 0.10004295], [0.7237238, 0.7237238, 0.53391594, 0.53391594]])
-    close(Bi(forward, merge_mode="ave")(seq), rows([0.24845785, 0.6288199], 2))
+    assert_near(Bi(forward)(seq), [[0.39687276, 0.39687276, 0.10004295, 0.10004295], [0.7237238, 0.7237238, 0.53391594, 0.53391594]])
+    assert_near(Bi(forward, merge_mode="ave")(seq), rows([0.24845785, 0.6288199], 2))
     out1, out2 = Bi(forward, merge_mode=None)(seq)
-    close(out1, rows([0.39687276, 0.7237238], 2)), close(out2, rows([0.10004295, 0.53391594], 2))
+    assert_near(out1, rows([0.39687276, 0.7237238], 2)), assert_near(out2, rows([0.10004295, 0.53391594], 2))
     backward = wrap(SimpleRNN(2, kernel_initializer=initializers.Constant(0.03), recurrent_initializer=initializers.Constant(0.02),
                               bias_initializer=initializers.Constant(0.01), go_backwards=True))
-    close(Bi(forward, backward_layer=backward, merge_mode="mul")(seq), rows([0.08374989, 0.6740834], 2))
+    assert_near(Bi(forward, backward_layer=backward, merge_mode="mul")(seq), rows([0.08374989, 0.6740834], 2))
     out = Bi(wrap(GRU(2, return_sequences=True, **CONST)), merge_mode="sum")(seq)
-    close(out, rows([[0.20937867, 0.34462988, 0.40290534], [0.59829646, 0.6734641, 0.6479671]], 2))
+    assert_near(out, rows([[0.20937867, 0.34462988, 0.40290534], [0.59829646, 0.6734641, 0.6479671]], 2))
 
 
 def test_statefulness():
@@ -60,27 +60,27 @@ def test_statefulness():
     want = [[0.26234663, 0.26234663, 0.16959146, 0.16959146], [0.6137073, 0.6137073, 0.5381646, 0.5381646]]
     for _ in range(2):
         layer(seq)
-        close(layer(seq), want)
+        assert_near(layer(seq), want)
         layer.reset_state()
 
 
 def test_pass_initial_state():
     a = arange(2, 2)
     out = Bi(wrap(LSTM(2, **CONST)))(arange(2, 4, 3), initial_state=[a, 2 * a, 3 * a, 4 * a])
-    close(out, [[0.20794602, 0.4577124, 0.14046375, 0.48191673], [0.6682636, 0.6711909, 0.60943645, 0.60950446]])
+    assert_near(out, [[0.20794602, 0.4577124, 0.14046375, 0.48191673], [0.6682636, 0.6711909, 0.60943645, 0.60950446]])
 
 
 def test_masking():
     mask = np.array([[True, True, False, True], [True, False, False, True]])
     out = Bi(wrap(GRU(2, **CONST)))(arange(2, 4, 3), mask=mask)
-    close(out, [[0.19393763, 0.19393763, 0.11669192, 0.11669192], [0.30818558, 0.30818558, 0.28380975, 0.28380975]])
+    assert_near(out, [[0.19393763, 0.19393763, 0.11669192, 0.11669192], [0.30818558, 0.30818558, 0.28380975, 0.28380975]])
 
 
 def test_return_state():
     output, h1, c1, h2, c2 = Bi(wrap(LSTM(2, return_state=True, **CONST)))(arange(2, 4, 3))
-    close(output, [[0.1990008, 0.1990008, 0.12659755, 0.12659755], [0.52335435, 0.52335435, 0.44717982, 0.44717982]])
-    close(h1, rows([0.1990008, 0.52335435], 2)), close(c1, rows([0.35567185, 1.0492687], 2))
-    close(h2, rows([0.12659755, 0.44717982], 2)), close(c2, rows([0.2501858, 0.941473], 2))
+    assert_near(output, [[0.1990008, 0.1990008, 0.12659755, 0.12659755], [0.52335435, 0.52335435, 0.44717982, 0.44717982]])
+    assert_near(h1, rows([0.1990008, 0.52335435], 2)), assert_near(c1, rows([0.35567185, 1.0492687], 2))
+    assert_near(h2, rows([0.12659755, 0.44717982], 2)), assert_near(c2, rows([0.2501858, 0.941473], 2))
 
 
 def test_return_state_in_a_functional_model():
@@ -90,8 +90,8 @@ def test_return_state_in_a_functional_model():
     assert len(outs) == 5
     model = keras.Model(inp, outs)
     got = model.predict(arange(2, 4, 3), verbose=0)
-    close(got[0], [[0.1990008, 0.1990008, 0.12659755, 0.12659755], [0.52335435, 0.52335435, 0.44717982, 0.44717982]])
-    close(got[2], rows([0.35567185, 1.0492687], 2))
+    assert_near(got[0], [[0.1990008, 0.1990008, 0.12659755, 0.12659755], [0.52335435, 0.52335435, 0.44717982, 0.44717982]])
+    assert_near(got[2], rows([0.35567185, 1.0492687], 2))
 
 
 def test_output_shape():
@@ -127,7 +127,7 @@ def test_wrapped_matches_plain(rnn):
     ref.build(x.shape), hw(x)
     for a, b in zip(hw.weights, ref.weights):
         a.assign(b.value)
-    close(hw(x), ref(x))
+    assert_near(hw(x), ref(x))
     p = keras.ops.convert_to_tensor(np.random.default_rng(1).normal(size=(3, 6, 10)).astype("float32"))
     g_ref = grads(lambda v: keras.ops.sum(ref(v) * p), [keras.ops.convert_to_tensor(x)], ref.trainable_variables)
     g_hw = grads(lambda v: keras.ops.sum(hw(v) * p), [keras.ops.convert_to_tensor(x)], hw.trainable_variables)

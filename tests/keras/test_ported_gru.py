@@ -11,7 +11,7 @@ import keras
 from hwbptt.keras import HighwayRNN
 
 from helpers import BACKEND
-from ported import CONST, arange, assert_exact_grads, close, rows, run_basics, wrap
+from ported import CONST, arange, assert_exact_grads, assert_near, rows, assert_basics, wrap
 
 GRU = keras.layers.GRU
 
@@ -26,7 +26,7 @@ GRU = keras.layers.GRU
     ],
 )
 def test_basics(kwargs, call, shape, losses):
-    run_basics(lambda: GRU(**kwargs), (3, 2, 4), shape, trainable=3, losses=losses, call=call)
+    assert_basics(lambda: GRU(**kwargs), (3, 2, 4), shape, trainable=3, losses=losses, call=call)
 
 
 SEQ = arange(3, 6, 4)
@@ -44,7 +44,7 @@ CORRECT = [
 @pytest.mark.parametrize("kwargs,expected", CORRECT)
 def test_correctness(implementation, kwargs, expected):
     make = lambda: GRU(3, implementation=implementation, **CONST, **kwargs)
-    close(wrap(make())(SEQ), rows(expected, 3))
+    assert_near(wrap(make())(SEQ), rows(expected, 3))
     assert_exact_grads(make, SEQ / 72.0)
 
 
@@ -53,7 +53,7 @@ def test_statefulness():
     layer = wrap(GRU(4, stateful=True, **CONST))
     for _ in range(2):
         layer(seq)
-        close(layer(seq), rows([0.29542392, 0.5885018], 4))
+        assert_near(layer(seq), rows([0.29542392, 0.5885018], 4))
         layer.reset_state()
 
 
@@ -66,15 +66,15 @@ WITH_INIT = [({}, [[0.23774096, 0.33508456], [0.83659905, 1.0227708]]),
 def test_pass_initial_state(kwargs, expected):
     seq = arange(2, 4, 3)
     make = lambda: GRU(2, **CONST, **kwargs)
-    close(wrap(make())(seq, initial_state=INIT), expected)
+    assert_near(wrap(make())(seq, initial_state=INIT), expected)
     assert_exact_grads(make, seq / 24.0, initial_state=INIT)
 
 
 @pytest.mark.parametrize("kwargs,expected", WITH_INIT)
 def test_pass_return_state(kwargs, expected):
     output, state = wrap(GRU(2, return_state=True, **CONST, **kwargs))(arange(2, 4, 3), initial_state=INIT)
-    close(output, expected)
-    close(output, state)
+    assert_near(output, expected)
+    assert_near(output, state)
 
 
 MASK = np.array([[True, True, False, True], [True, False, False, True]])
@@ -83,25 +83,25 @@ MASK = np.array([[True, True, False, True], [True, False, False, True]])
 def test_masking():
     seq = arange(2, 4, 3)
     make = lambda **kw: (lambda: GRU(2, **CONST, **kw))
-    close(wrap(make(unroll=True)())(seq, mask=MASK), rows([0.19393763, 0.30818558], 2))
+    assert_near(wrap(make(unroll=True)())(seq, mask=MASK), rows([0.19393763, 0.30818558], 2))
     out = wrap(make(return_sequences=True)())(seq, mask=MASK)
-    close(out[0], rows([0.03606692, 0.09497581, 0.09497581, 0.19393763], 2))
-    close(out[1], rows([0.16051409, 0.16051409, 0.16051409, 0.30818558], 2))
+    assert_near(out[0], rows([0.03606692, 0.09497581, 0.09497581, 0.19393763], 2))
+    assert_near(out[1], rows([0.16051409, 0.16051409, 0.16051409, 0.30818558], 2))
     assert_exact_grads(make(return_sequences=True), seq / 24.0, mask=MASK)
     out = wrap(make(return_sequences=True, zero_output_for_mask=True)())(seq, mask=MASK)
-    close(out[0], rows([0.03606692, 0.09497581, 0.0, 0.19393763], 2))
-    close(out[1], rows([0.16051409, 0.0, 0.0, 0.30818558], 2))
-    close(wrap(make(go_backwards=True)())(seq, mask=MASK), rows([0.11669192, 0.28380975], 2))
+    assert_near(out[0], rows([0.03606692, 0.09497581, 0.0, 0.19393763], 2))
+    assert_near(out[1], rows([0.16051409, 0.0, 0.0, 0.30818558], 2))
+    assert_near(wrap(make(go_backwards=True)())(seq, mask=MASK), rows([0.11669192, 0.28380975], 2))
 
 
 def test_legacy_implementation_argument():
     config = GRU(3, **CONST).get_config()
     config["implementation"] = 0  # old saved models
-    close(wrap(GRU.from_config(config))(SEQ), rows(FIRST, 3))
+    assert_near(wrap(GRU.from_config(config))(SEQ), rows(FIRST, 3))
     # and through HighwayRNN's own config
     hw_config = wrap(GRU(3, **CONST)).get_config()
     hw_config["layer"]["config"]["implementation"] = 0
-    close(HighwayRNN.from_config(hw_config)(SEQ), rows(FIRST, 3))
+    assert_near(HighwayRNN.from_config(hw_config)(SEQ), rows(FIRST, 3))
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="a TensorFlow symbolic batch size")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import keras
 
-from ported import CONST, arange, assert_exact_grads, close, rows, run_basics, wrap
+from ported import CONST, arange, assert_exact_grads, assert_near, rows, assert_basics, wrap
 
 LSTM = keras.layers.LSTM
 
@@ -22,7 +22,7 @@ LSTM = keras.layers.LSTM
     ],
 )
 def test_basics(kwargs, call, shape, losses):
-    run_basics(lambda: LSTM(**kwargs), (3, 2, 4), shape, trainable=3, losses=losses, call=call)
+    assert_basics(lambda: LSTM(**kwargs), (3, 2, 4), shape, trainable=3, losses=losses, call=call)
 
 
 SEQ = arange(3, 6, 4)
@@ -39,7 +39,7 @@ CORRECT = [
 @pytest.mark.parametrize("kwargs,expected", CORRECT)
 def test_correctness(implementation, kwargs, expected):
     make = lambda: LSTM(3, implementation=implementation, **CONST, **kwargs)
-    close(wrap(make())(SEQ), rows(expected, 3))
+    assert_near(wrap(make())(SEQ), rows(expected, 3))
     assert_exact_grads(make, SEQ / 72.0)
 
 
@@ -48,7 +48,7 @@ def test_statefulness():
     layer = wrap(LSTM(4, stateful=True, **CONST))
     for _ in range(2):  # the second round after reset_state
         layer(seq)
-        close(layer(seq), rows([0.3124785, 0.6863672], 4))
+        assert_near(layer(seq), rows([0.3124785, 0.6863672], 4))
         layer.reset_state()
 
 
@@ -63,7 +63,7 @@ INIT = [arange(2, 2), arange(2, 2)]
 def test_pass_initial_state(kwargs, expected):
     seq = arange(2, 4, 3)
     make = lambda: LSTM(2, **CONST, **kwargs)
-    close(wrap(make())(seq, initial_state=INIT), expected)
+    assert_near(wrap(make())(seq, initial_state=INIT), expected)
     assert_exact_grads(make, seq / 24.0, initial_state=INIT)
 
 
@@ -73,17 +73,17 @@ MASK = np.array([[True, True, True, False], [True, True, False, False]])
 def test_masking():
     seq = arange(2, 4, 3)
     make = lambda **kw: (lambda: LSTM(2, **CONST, **kw))
-    close(wrap(make(unroll=True)())(seq, mask=MASK), rows([0.11755939, 0.28556206], 2))
+    assert_near(wrap(make(unroll=True)())(seq, mask=MASK), rows([0.11755939, 0.28556206], 2))
 
     out = wrap(make(return_sequences=True)())(seq, mask=MASK)
-    close(out[0], rows([0.0158891, 0.05552048, 0.11755939, 0.11755939], 2))
-    close(out[1], rows([0.14185596, 0.28556206, 0.28556206, 0.28556206], 2))
+    assert_near(out[0], rows([0.0158891, 0.05552048, 0.11755939, 0.11755939], 2))
+    assert_near(out[1], rows([0.14185596, 0.28556206, 0.28556206, 0.28556206], 2))
     assert_exact_grads(make(return_sequences=True), seq / 24.0, mask=MASK)
 
     out = wrap(make(return_sequences=True, zero_output_for_mask=True)())(seq, mask=MASK)
-    close(out[0], rows([0.0158891, 0.05552048, 0.11755939, 0.0], 2))
-    close(out[1], rows([0.14185596, 0.28556206, 0.0, 0.0], 2))
+    assert_near(out[0], rows([0.0158891, 0.05552048, 0.11755939, 0.0], 2))
+    assert_near(out[1], rows([0.14185596, 0.28556206, 0.0, 0.0], 2))
 
     backwards_mask = np.array([[False, True, True, True], [False, False, True, True]])
-    close(wrap(make(go_backwards=True)())(seq, mask=backwards_mask), rows([0.15341201, 0.3844719], 2))
+    assert_near(wrap(make(go_backwards=True)())(seq, mask=backwards_mask), rows([0.15341201, 0.3844719], 2))
     assert_exact_grads(make(go_backwards=True), seq / 24.0, mask=backwards_mask)

@@ -11,7 +11,7 @@ from keras import ops
 
 from hwbptt.keras import HighwayRNN
 
-from ported import arange, assert_exact_grads, close, run_basics, wrap
+from ported import arange, assert_exact_grads, assert_near, assert_basics, wrap
 
 RNN = keras.layers.RNN
 
@@ -76,7 +76,7 @@ class TwoStates(keras.layers.Layer):
     ],
 )
 def test_basics(make, kwargs, shape, trainable):
-    run_basics(lambda: RNN(make(), **kwargs), (3, 2, 4), shape, trainable=trainable)
+    assert_basics(lambda: RNN(make(), **kwargs), (3, 2, 4), shape, trainable=trainable)
 
 
 @pytest.mark.parametrize("cell,n_states", [(OneState, 1), (TwoStates, 2)])
@@ -94,35 +94,35 @@ def test_compute_output_shape(cell, n_states, shape):
 
 def test_forward_pass_single_state():
     seq = np.ones((1, 2, 3))
-    close(wrap(RNN(OneState(2)))(seq), [[9.0, 9.0]])
-    close(wrap(RNN(OneState(2), return_sequences=True))(seq), [[[3.0, 3.0], [9.0, 9.0]]])
+    assert_near(wrap(RNN(OneState(2)))(seq), [[9.0, 9.0]])
+    assert_near(wrap(RNN(OneState(2), return_sequences=True))(seq), [[[3.0, 3.0], [9.0, 9.0]]])
     out, state = wrap(RNN(OneState(2), return_state=True))(seq)
-    close(out, [[9.0, 9.0]]), close(state, [[9.0, 9.0]])
+    assert_near(out, [[9.0, 9.0]]), assert_near(state, [[9.0, 9.0]])
     out, state = wrap(RNN(OneState(2), return_sequences=True, return_state=True))(seq)
-    close(out, [[[3.0, 3.0], [9.0, 9.0]]]), close(state, [[9.0, 9.0]])
+    assert_near(out, [[[3.0, 3.0], [9.0, 9.0]]]), assert_near(state, [[9.0, 9.0]])
     assert_exact_grads(lambda: RNN(OneState(2), return_sequences=True, return_state=True), seq)
 
 
 def test_forward_pass_two_states():
     seq = np.ones((1, 2, 3))
-    close(wrap(RNN(TwoStates(2)))(seq), [[18.0, 18.0]])
-    close(wrap(RNN(TwoStates(2), return_sequences=True))(seq), [[[6.0, 6.0], [18.0, 18.0]]])
+    assert_near(wrap(RNN(TwoStates(2)))(seq), [[18.0, 18.0]])
+    assert_near(wrap(RNN(TwoStates(2), return_sequences=True))(seq), [[[6.0, 6.0], [18.0, 18.0]]])
     for seqs, want in [(False, [[18.0, 18.0]]), (True, [[[6.0, 6.0], [18.0, 18.0]]])]:
         out, s1, s2 = wrap(RNN(TwoStates(2), return_sequences=seqs, return_state=True))(seq)
-        close(out, want), close(s1, [[9.0, 9.0]]), close(s2, [[9.0, 9.0]])
+        assert_near(out, want), assert_near(s1, [[9.0, 9.0]]), assert_near(s2, [[9.0, 9.0]])
     assert_exact_grads(lambda: RNN(TwoStates(2), return_sequences=True, return_state=True), seq)
 
 
 def test_passing_initial_state():
     seq, state = np.ones((2, 3, 2)), np.ones((2, 2), dtype="float32")
-    close(wrap(RNN(OneState(2)))(seq, initial_state=state), np.full((2, 2), 22.0))
+    assert_near(wrap(RNN(OneState(2)))(seq, initial_state=state), np.full((2, 2), 22.0))
     out, s = wrap(RNN(OneState(2), return_state=True))(seq, initial_state=state)
-    close(out, np.full((2, 2), 22.0)), close(s, np.full((2, 2), 22.0))
+    assert_near(out, np.full((2, 2), 22.0)), assert_near(s, np.full((2, 2), 22.0))
     assert_exact_grads(lambda: RNN(OneState(2)), seq, initial_state=state)
     states = [state, state]
-    close(wrap(RNN(TwoStates(2)))(seq, initial_state=states), np.full((2, 2), 44.0))
+    assert_near(wrap(RNN(TwoStates(2)))(seq, initial_state=states), np.full((2, 2), 44.0))
     out, s1, s2 = wrap(RNN(TwoStates(2), return_state=True))(seq, initial_state=states)
-    close(out, np.full((2, 2), 44.0)), close(s1, np.full((2, 2), 22.0)), close(s2, np.full((2, 2), 22.0))
+    assert_near(out, np.full((2, 2), 44.0)), assert_near(s1, np.full((2, 2), 22.0)), assert_near(s2, np.full((2, 2), 22.0))
     assert_exact_grads(lambda: RNN(TwoStates(2)), seq, initial_state=states)
 
 
@@ -130,30 +130,30 @@ def test_statefulness():
     seq = np.ones((1, 2, 3))
     layer = wrap(RNN(OneState(2), stateful=True))
     layer(seq)
-    close(layer(seq), [[45.0, 45.0]])
+    assert_near(layer(seq), [[45.0, 45.0]])
     layer = wrap(RNN(OneState(2), stateful=True, return_state=True))
     layer(seq)
     out, state = layer(seq)
-    close(out, [[45.0, 45.0]]), close(state, [[45.0, 45.0]])
+    assert_near(out, [[45.0, 45.0]]), assert_near(state, [[45.0, 45.0]])
     layer = wrap(RNN(TwoStates(2), stateful=True))
     layer(seq)
-    close(layer(seq), [[90.0, 90.0]])
+    assert_near(layer(seq), [[90.0, 90.0]])
     layer = wrap(RNN(TwoStates(2), stateful=True, return_state=True))
     layer(seq)
     out, s1, s2 = layer(seq)
-    close(out, [[90.0, 90.0]]), close(s1, [[45.0, 45.0]]), close(s2, [[45.0, 45.0]])
+    assert_near(out, [[90.0, 90.0]]), assert_near(s1, [[45.0, 45.0]]), assert_near(s2, [[45.0, 45.0]])
 
 
 def test_go_backwards():
     seq = arange(2, 3, 4)
     layer = wrap(RNN(OneState(2), go_backwards=True))
     layer(seq)
-    close(layer(seq), [[202.0, 202.0], [538.0, 538.0]])
+    assert_near(layer(seq), [[202.0, 202.0], [538.0, 538.0]])
     assert_exact_grads(lambda: RNN(OneState(2), go_backwards=True), seq / 24.0)
     layer = wrap(RNN(OneState(2), stateful=True, return_state=True))
     layer(seq)
     out, state = layer(seq)
-    close(out, [[954.0, 954.0], [3978.0, 3978.0]]), close(state, [[954.0, 954.0], [3978.0, 3978.0]])
+    assert_near(out, [[954.0, 954.0], [3978.0, 3978.0]]), assert_near(state, [[954.0, 954.0], [3978.0, 3978.0]])
 
 
 @pytest.mark.parametrize("cell", [TwoStates, OneState])
@@ -165,7 +165,7 @@ def test_serialization(cell):
     clone = keras.saving.deserialize_keras_object(config)
     assert isinstance(clone, HighwayRNN)
     assert clone.get_config() == layer.get_config()
-    close(clone(x), want)
+    assert_near(clone(x), want)
 
 
 def test_stateful_batch_size_mismatch_raises():
@@ -181,8 +181,8 @@ def test_masking():
     seq = arange(2, 4, 3)
     mask = np.array([[True, True, True, False], [True, True, False, False]])
     for unroll in (False, True):
-        close(wrap(RNN(OneState(2), unroll=unroll))(seq, mask=mask), [[57.0, 57.0], [126.0, 126.0]])
-        close(wrap(RNN(OneState(2), return_sequences=True, unroll=unroll))(seq, mask=mask),
+        assert_near(wrap(RNN(OneState(2), unroll=unroll))(seq, mask=mask), [[57.0, 57.0], [126.0, 126.0]])
+        assert_near(wrap(RNN(OneState(2), return_sequences=True, unroll=unroll))(seq, mask=mask),
               [[[3.0, 3.0], [18.0, 18.0], [57.0, 57.0], [57.0, 57.0]],
                [[39.0, 39.0], [126.0, 126.0], [126.0, 126.0], [126.0, 126.0]]])
     assert_exact_grads(lambda: RNN(OneState(2), return_sequences=True), seq / 24.0, mask=mask)

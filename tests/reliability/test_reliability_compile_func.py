@@ -51,7 +51,7 @@ def vjps(module, x, cotangents):
     return [torch.stack(parts) for parts in zip(*rows)]
 
 
-def close(a, b, tol=1e-10):
+def assert_near(a, b, tol=1e-10):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
@@ -152,7 +152,7 @@ def test_is_grads_batched(cls, parent, iterations):
     else:
         expected = vjps(ours, x, V)
     for a, b in zip(got, expected):
-        close(a, b)
+        assert_near(a, b)
 
 
 @pytest.mark.parametrize("cls, parent", PAIRS, ids=IDS)
@@ -179,15 +179,15 @@ def test_jacrev(cls, parent):
     each row of the Jacobian is the layer's own VJP for that cotangent."""
     ours, ref = twins(cls, parent, None)
     x = data(T, B, I)
-    close(jacrev(lambda x: ours(x)[0])(x), jacrev(lambda x: ref(x)[0])(x))
+    assert_near(jacrev(lambda x: ours(x)[0])(x), jacrev(lambda x: ref(x)[0])(x))
     j1 = jacrev(lambda p: functional_call(ours, p, (x,))[0])(dict(ours.named_parameters()))
     j2 = jacrev(lambda p: functional_call(ref, p, (x,))[0])(dict(ref.named_parameters()))
     for k in j1:
-        close(j1[k], j2[k])
+        assert_near(j1[k], j2[k])
     hw, _ = twins(cls, parent, 2)
     J = jacrev(lambda x: hw(x)[0])(x)
     eye = torch.eye(T * B * H, dtype=D).view(-1, T, B, H)
-    close(J, vjps(hw, x, eye)[0].view(T, B, H, T, B, I))
+    assert_near(J, vjps(hw, x, eye)[0].view(T, B, H, T, B, I))
 
 
 @pytest.mark.parametrize("cls, parent", PAIRS, ids=IDS)
@@ -198,14 +198,14 @@ def test_vmap(cls, parent, iterations):
     mode."""
     ours, ref = twins(cls, parent, iterations)
     xs = data(3, T, B, I)
-    close(vmap(lambda x: ours(x)[0])(xs), torch.stack([ref(x)[0] for x in xs]))
+    assert_near(vmap(lambda x: ours(x)[0])(xs), torch.stack([ref(x)[0] for x in xs]))
     got = vmap(grad(lambda x: ours(x)[0].sin().sum()))(xs)
     per_sample = ref if iterations is None else ours
     expected = []
     for x in xs:
         x = x.clone().requires_grad_(True)
         expected.append(torch.autograd.grad(per_sample(x)[0].sin().sum(), x)[0])
-    close(got, torch.stack(expected))
+    assert_near(got, torch.stack(expected))
 
 
 # ----------------------------------------------------------------------------- forward-mode AD
@@ -217,13 +217,13 @@ def test_forward_ad_exact_is_the_parents_and_highway_refuses(cls, parent):
 
     ours, ref = twins(cls, parent, None)
     x, t = data(T, B, I), data(T, B, I, seed=3)
-    close(jvp(lambda x: ours(x)[0], (x,), (t,))[1], jvp(lambda x: ref(x)[0], (x,), (t,))[1])
+    assert_near(jvp(lambda x: ours(x)[0], (x,), (t,))[1], jvp(lambda x: ref(x)[0], (x,), (t,))[1])
 
     def dual_tangent(m):
         with forward_ad.dual_level():
             return forward_ad.unpack_dual(m(forward_ad.make_dual(x, t))[0]).tangent
 
-    close(dual_tangent(ours), dual_tangent(ref))
+    assert_near(dual_tangent(ours), dual_tangent(ref))
     hw, _ = twins(cls, parent, 2)
     with pytest.raises(RuntimeError, match=r"forward-mode AD.*Highway-BP \(iterations=2\).*Use iterations=None"):
         jvp(lambda x: hw(x)[0], (x,), (t,))
@@ -241,7 +241,7 @@ def test_nested_func_gradients(cls, parent):
     def gg(m):
         return grad(lambda x: grad(lambda x: m(x)[0].sin().sum())(x).pow(2).sum())(x)
 
-    close(gg(ours), gg(ref))
+    assert_near(gg(ours), gg(ref))
     hw, _ = twins(cls, parent, 2)
     with pytest.raises(RuntimeError, match=r"derivative of a derivative.*Use iterations=None"):
         gg(hw)
@@ -263,16 +263,20 @@ def test_operators_schema_and_fake(kind):
     if kind == "lstm":
         c0 = data(B, H, seed=3)
         args = (x, h0, c0, *w, None, None, None)
-        torch.library.opcheck(torch.ops.hwbptt.lstm_forward.default, args, test_utils=tests)
+        result = torch.library.opcheck(torch.ops.hwbptt.lstm_forward.default, args, test_utils=tests)
+        assert set(result.values()) == {"SUCCESS"}, result
         y, _, *kept = torch.ops.hwbptt.lstm_forward(*args)
         back = (data(T, B, H, seed=4), data(B, H, seed=5), x, y, h0, c0, *w, None, *kept, None, *opts, [True] * 7 + [False])
-        torch.library.opcheck(torch.ops.hwbptt.lstm_backward.default, back, test_utils=tests)
+        result = torch.library.opcheck(torch.ops.hwbptt.lstm_backward.default, back, test_utils=tests)
+        assert set(result.values()) == {"SUCCESS"}, result
     else:
         args = (x, h0, *w, None)
-        torch.library.opcheck(torch.ops.hwbptt.gru_forward.default, args, test_utils=tests)
+        result = torch.library.opcheck(torch.ops.hwbptt.gru_forward.default, args, test_utils=tests)
+        assert set(result.values()) == {"SUCCESS"}, result
         y, *kept = torch.ops.hwbptt.gru_forward(*args)
         back = (data(T, B, H, seed=4), x, y, h0, *w, *kept, *opts, [True] * 6)
-        torch.library.opcheck(torch.ops.hwbptt.gru_backward.default, back, test_utils=tests)
+        result = torch.library.opcheck(torch.ops.hwbptt.gru_backward.default, back, test_utils=tests)
+        assert set(result.values()) == {"SUCCESS"}, result
 
 
 # ----------------------------------------------------------------------------- torch.save
@@ -327,12 +331,12 @@ def test_cell_transforms_exact_as_the_loop_and_highway_refuses_clearly():
             out.append(h)
         return torch.stack(out)
 
-    close(jacrev(lambda x: exact(x)[0])(x), jacrev(loop)(x))
-    close(grad(lambda x: exact(x)[0].sin().sum())(x), grad(lambda x: loop(x).sin().sum())(x))
-    close(jvp(lambda x: exact(x)[0], (x,), (x,))[1], jvp(loop, (x,), (x,))[1])
+    assert_near(jacrev(lambda x: exact(x)[0])(x), jacrev(loop)(x))
+    assert_near(grad(lambda x: exact(x)[0].sin().sum())(x), grad(lambda x: loop(x).sin().sum())(x))
+    assert_near(jvp(lambda x: exact(x)[0], (x,), (x,))[1], jvp(loop, (x,), (x,))[1])
     xx = x.clone().requires_grad_(True)
     xl = x.clone().requires_grad_(True)
-    close(torch.autograd.grad(exact(xx)[0], xx, V, is_grads_batched=True)[0],
+    assert_near(torch.autograd.grad(exact(xx)[0], xx, V, is_grads_batched=True)[0],
           torch.autograd.grad(loop(xl), xl, V, is_grads_batched=True)[0])
     for run in (lambda: jacrev(lambda x: hw(x)[0])(x), lambda: grad(lambda x: hw(x)[0].sum())(x),
                 lambda: jvp(lambda x: hw(x)[0], (x,), (x,))):
