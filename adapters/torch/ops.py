@@ -2,7 +2,7 @@
 
 Why operators: ``torch.compile`` (Dynamo, AOTAutograd) and ``torch.func`` see a registered
 operator as one opaque call with a schema and a fake (meta) implementation, whatever
-runs inside it (the C kernels, ctypes, a lock, the workspace pool). Four operators:
+runs inside it (the compiled kernels, a lock, the workspace pool). Four operators:
 
 - ``lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cast)`` ->
   ``(y, c_last, gates, c, tanh_c, gain)``; ``gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh,
