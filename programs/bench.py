@@ -45,6 +45,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .arguments import iteration_list as _ks, positive_ints as _ints
+
 __all__ = ["main", "build_parser"]
 
 H100 = {  # published figures (SXM5): a price list for the model, not a measurement
@@ -57,31 +59,6 @@ H100 = {  # published figures (SXM5): a price list for the model, not a measurem
 
 
 # ----------------------------------------------------------------------------- arguments
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        out = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not out or any(v <= 0 for v in out):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return out
-
-
-def _ks(text: str) -> list[int | None]:
-    out: list[int | None] = []
-    for v in text.split(","):
-        v = v.strip()
-        if v == "exact":
-            out.append(None)
-        elif v.isdigit():
-            out.append(int(v))
-        elif v:
-            raise argparse.ArgumentTypeError(f"k values are integers >= 0 or 'exact', got {v!r}")
-    if not out:
-        raise argparse.ArgumentTypeError("no k values given")
-    return out
 
 
 SUITES = ("lstm", "gru", "packed", "cell", "lstmcell", "keras-tf", "keras-torch", "grid")

@@ -119,30 +119,6 @@ sys.exit(pytest.main(sys.argv[2:]))
 # ----------------------------------------------------------------------------- arguments
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        out = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not out or any(v <= 0 for v in out):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return out
-
-
-def _ks(text: str) -> list[int | None]:
-    out: list[int | None] = []
-    for v in (v.strip() for v in text.split(",")):
-        if v == "exact":
-            out.append(None)
-        elif v.isdigit():
-            out.append(int(v))
-        elif v:
-            raise argparse.ArgumentTypeError(f"k values are integers >= 0 or 'exact', got {v!r}")
-    if not out:
-        raise argparse.ArgumentTypeError("no k values given")
-    return out
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -172,6 +148,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hwbptt.programs.arguments import iteration_list as _ks, positive_ints as _ints
+
     p = _Parser(prog="python -m hwbptt gpucheck", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join("results", "gpucheck"), help="output folder (default results/gpucheck)")
