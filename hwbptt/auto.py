@@ -22,8 +22,8 @@ The probe pass stops at the first rung that is faithful (larger ``k`` only cost 
 at the first iteration whose update grew (``hwbptt.engine``: a diverging path sum; the
 estimates of larger ``k`` would be the kept, earlier one).
 
-A Highway backward between probes that diverges asks for a probe at the next step: the
-regime changed.
+A Highway backward between probes that diverges, or converges far too slowly
+(``Diagnostics.unconverged``), asks for a probe at the next step: the regime changed.
 
 This module holds the decision only (no framework); the adapters run the probes
 (``hwbptt.torch.auto``, ``hwbptt.keras``) and call ``plan`` at every forward pass that
@@ -63,7 +63,8 @@ class AutoController:
     the minimum over the directions), ``seconds`` (``{k: s}``, summed over the
     directions), ``exact_seconds``, ``choice`` (an int ``k``, or ``None`` for exact) and
     ``reason``; a divergence between probes adds ``{"step", "event": "diverged",
-    "growth"}``.
+    "growth"}``, a far too slow convergence ``{"step", "event": "unconverged",
+    "remainder"}``.
 
     ``timing`` (settable attribute): ``timing(probe) -> ({k: seconds}, exact_seconds)``
     replaces each probe's measured times, e.g. by a cost model of the target device.
@@ -117,9 +118,13 @@ class AutoController:
     def report(self, key: Hashable, diagnostics: Diagnostics) -> None:
         if diagnostics.probe is not None:
             self._pending[key] = diagnostics.probe
-        elif diagnostics.diverged and not self._reprobe:
+        elif (diagnostics.diverged or diagnostics.unconverged) and not self._reprobe:
             self._reprobe = True
-            self._history.append({"step": self.step - 1, "event": "diverged", "growth": diagnostics.growth})
+            if diagnostics.diverged:
+                event = {"event": "diverged", "growth": diagnostics.growth}
+            else:
+                event = {"event": "unconverged", "remainder": diagnostics.remainder}
+            self._history.append({"step": self.step - 1, **event})
 
     def settle(self) -> None:
         """Decide from the probe reports received since the last decision, if any."""

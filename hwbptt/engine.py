@@ -78,6 +78,29 @@ class ArrayOps(Protocol):
 GROWTH_FLOOR = 1e-2
 GROWTH_MARGIN = 1.25
 
+# Slow convergence. While the updates shrink, the iterate ``u^k`` is still off by the rest
+# of the series, ``Σ_{j>k} d_j``. With the mean rate ``ρ = (d_k / d_0)^{1/k}`` (``d_0 =
+# ||u^0||``, the paths through no block) that rest is about ``d_k ρ / (1 - ρ)``; as a
+# fraction of ``||u^k||`` it is ``Diagnostics.remainder``. Above ``REMAINDER_LIMIT`` the
+# estimated rest is larger than the estimate itself: ``k`` is far too small for this
+# regime (``ρ`` near 1, the edge of divergence) and the gradient may point anywhere.
+# Measured on a char LM (docs/results.md, section 4): a GRU at ρ ≈ 0.8 had cosines to BPTT
+# near 0.02 at k = 1 and 3 with remainders of 0.3-11 (median 0.8-2.3); a healthy LSTM
+# stayed at 0.18 or below at k = 1 (cosine 0.97) and 0.42 or below at k = 3 and 10.
+REMAINDER_LIMIT = 1.0
+
+
+def remainder_estimate(d0: float, dk: float, k: int, norm_k: float) -> tuple[float, float]:
+    """``(ρ, remainder)`` for the updates ``d_0 = ||u^0||`` and ``d_k`` after ``k >= 1``
+    shrinking iterations and ``norm_k = ||u^k||`` (see ``REMAINDER_LIMIT``); the remainder
+    is infinite when ``ρ >= 1``."""
+    if d0 <= 0.0 or dk <= 0.0:
+        return 0.0, 0.0
+    rho = (dk / d0) ** (1.0 / k)
+    if rho >= 1.0:
+        return rho, float("inf")
+    return rho, dk * rho / (1.0 - rho) / max(norm_k, 1e-300)
+
 
 def highway_adjoint(
     residual: Any,
@@ -127,7 +150,7 @@ def highway_adjoint(
     if observe is not None and observe(0, u, True):
         return u, diagnostics
     spare = None  # with scan_sum: the estimate two iterations back, free to overwrite
-    best, best_d, floor = u, None, 0.0
+    best, best_d, floor, d0, last_d = u, None, 0.0, 0.0, 0.0
     for k in range(1, iterations + 1):
         v = block(u)
         if gamma != 0.0:
@@ -139,7 +162,8 @@ def highway_adjoint(
             u_next = scan_sum(a, local, v, None if spare is best else spare)
         d = dist(u_next, u)
         if k == 1:
-            floor = GROWTH_FLOOR * ops.norm(u)
+            d0 = ops.norm(u)
+            floor = GROWTH_FLOOR * d0
         diagnostics.iterations += 1
         change = None
         if tol is not None or record:
@@ -153,7 +177,7 @@ def highway_adjoint(
             grew = diverge and d > GROWTH_MARGIN * best_d and d > floor
         is_best = not grew  # an update that did not grow above rounding: the latest iterate stands
         if is_best:
-            best, diagnostics.used = u, k
+            best, diagnostics.used, last_d = u, k, d
             best_d = d if best_d is None else min(best_d, d)
         else:
             diagnostics.diverged = True
@@ -162,6 +186,9 @@ def highway_adjoint(
             break
         if stop:
             break
+    if diverge and diagnostics.used and not diagnostics.diverged:
+        diagnostics.rate, diagnostics.remainder = remainder_estimate(d0, last_d, diagnostics.used, ops.norm(best))
+        diagnostics.unconverged = diagnostics.remainder > REMAINDER_LIMIT
     return best, diagnostics
 
 

@@ -65,8 +65,34 @@ AUTO = "auto"
 class HighwayDivergenceWarning(UserWarning):
     """The Highway iteration's updates grew instead of shrinking (the path sum diverges:
     the block part ``J`` is large against ``1 - ||K||``, a near-chaotic regime), so more
-    iterations give a worse gradient. Raised once per layer and direction; the layer's
-    diagnostics record every occurrence (``Diagnostics.diverged``, ``growth``)."""
+    iterations give a worse gradient; or they shrank so slowly that the estimated rest of
+    the series outweighs the estimate (the edge of that regime: the gradient may point
+    anywhere). Raised once per layer and direction; the layer's diagnostics record every
+    occurrence (``Diagnostics.diverged``, ``growth``; ``unconverged``, ``remainder``)."""
+
+
+def divergence_warning(who: str, diagnostics: "Diagnostics", iterations: Any) -> HighwayDivergenceWarning:
+    """The warning for one backward whose diagnostics show ``diverged`` or ``unconverged``
+    (``who`` names the layer, and the direction where there are several)."""
+    d = diagnostics
+    if d.diverged:
+        what = (
+            f"the Highway-BP updates grew {d.growth:.3g}x over {d.iterations} iterations (iterations={iterations}): "
+            "the path sum diverges (the recurrent block is large against the residual, a near-chaotic regime), "
+            f"so more iterations give a worse gradient; the estimate of iteration {d.used} was kept"
+        )
+    else:
+        rest = "the rest is unbounded" if d.remainder == float("inf") else f"the rest is about {d.remainder:.3g}x the estimate"
+        what = (
+            f"the Highway-BP updates shrank by only {d.rate:.3g} per iteration over {d.used} iterations "
+            f"(iterations={iterations}): {rest}, so this gradient may be far from BPTT's (the edge of the "
+            "near-chaotic regime, where the recurrent block is large against the residual)"
+        )
+    return HighwayDivergenceWarning(
+        f"{who}: {what}. Use iterations='auto' (measures the cosine to the exact gradient and picks a faithful "
+        "mode, exact included), or iterations=None (exact BPTT). Warned once per layer; every occurrence is in "
+        "last_diagnostics (diverged and growth, unconverged and remainder)."
+    )
 
 
 def check_iterations(value: Any) -> int | str | None:
@@ -262,6 +288,14 @@ class Diagnostics:
                       two iterations); above 1 means the updates grew.
     ``used``          the iterate returned: the last one whose update did not grow (the
                       last one run unless ``diverged``).
+    ``rate``          (updates shrinking, ``k >= 1``) the mean rate ``ρ = (d_k / d_0)^{1/k}``
+                      at which they shrank, ``d_0 = ||w^0||``.
+    ``remainder``     the estimated rest of the series, ``d_k ρ / (1 - ρ)``, as a fraction of
+                      ``||w^k||`` (infinite for ``ρ >= 1``): how far the estimate may still be
+                      from the exact adjoint.
+    ``unconverged``   ``remainder`` above ``hwbptt.engine.REMAINDER_LIMIT`` (1): the estimated
+                      rest outweighs the estimate, the iteration converges far too slowly
+                      for this ``k``. Warned as divergence is.
     ``probe``         (a probe of ``iterations="auto"``) ``{"cosines": {k: cos}, "seconds":
                       {k: s}, "exact_seconds": s}``: the cosine to the exact adjoint of the
                       estimate a fixed ``k`` would return, and the time to compute it.
@@ -273,4 +307,7 @@ class Diagnostics:
     diverged: bool = False
     growth: float | None = None
     used: int | None = None
+    rate: float | None = None
+    remainder: float | None = None
+    unconverged: bool = False
     probe: dict | None = None

@@ -123,6 +123,38 @@ def test_engine_tol_also_stops_on_divergence():
     assert d.diverged and d.iterations < 30
 
 
+@pytest.mark.parametrize("c, k", [(0.9, 1), (0.9, 3), (0.5, 1), (0.5, 3), (0.2, 10)])
+def test_engine_remainder_is_the_rest_of_a_geometric_series(c, k):
+    """No residual, block ``u -> c u``: ``u^k = ℓ Σ_{j<=k} c^j``, every update ``c`` times the
+    last, exact ``ℓ / (1 - c)``. The remainder estimate is then exact:
+    ``||u* - u^k|| / ||u^k|| = c^{k+1} / (1 - c^{k+1})``."""
+    local = np.random.default_rng(0).standard_normal((12, 5))
+    u, d = highway_adjoint(np.zeros_like(local), local, lambda v: c * v, iterations=k, ops=NumpyOps)
+    expected = c ** (k + 1) / (1 - c ** (k + 1))
+    true_rest = np.linalg.norm(local / (1 - c) - u) / np.linalg.norm(u)
+    assert d.rate == pytest.approx(c, rel=1e-9)
+    assert d.remainder == pytest.approx(expected, rel=1e-9) and true_rest == pytest.approx(expected, rel=1e-9)
+    assert d.unconverged == (expected > 1.0) and not d.diverged
+
+
+def test_engine_slow_linear_problem_is_unconverged_and_more_iterations_fix_it():
+    a, local, block, exact = _linear_problem(gain=0.48)  # ρ = 0.48 / (1 - 0.5) = 0.96
+    u1, d1 = highway_adjoint(a, local, block, iterations=1, ops=NumpyOps)
+    assert d1.unconverged and not d1.diverged and d1.remainder > 1.0
+    assert np.linalg.norm(u1 - exact) > 0.5 * np.linalg.norm(u1)  # and the estimate really is far off
+    u40, d40 = highway_adjoint(a, local, block, iterations=40, ops=NumpyOps)  # T iterations: exact
+    assert not d40.unconverged and d40.remainder < 0.1
+    np.testing.assert_allclose(u40, exact, rtol=1e-10, atol=1e-10)
+
+
+def test_engine_k0_and_fpi_report_no_remainder():
+    a, local, block, _ = _linear_problem(gain=0.48)
+    _, d0 = highway_adjoint(a, local, block, iterations=0, ops=NumpyOps)
+    _, fpi = highway_adjoint(a, local, block, iterations=3, ops=NumpyOps, gamma=1.0)
+    assert d0.remainder is None and not d0.unconverged
+    assert fpi.remainder is None and not fpi.unconverged
+
+
 # ----------------------------------------------------------------------------- the controller
 
 
@@ -164,6 +196,24 @@ def test_controller_probe_schedule():
     assert ctl.choice == 1 and [e["step"] for e in ctl.history] == [0, 3, 6]
 
 
+@pytest.mark.parametrize("event", ["diverged", "unconverged"])
+def test_controller_probes_again_after_a_bad_backward(event):
+    from hwbptt import HighwayOptions
+
+    ctl = AutoController()
+    opts = HighwayOptions(iterations="auto", probe_every=100)
+    assert ctl.plan(opts, steps=8).probe is not None
+    ctl.report(0, hwbptt.Diagnostics(probe=_probe({0: 0.5, 1: 0.995}, {0: 1, 1: 2}, 50.0)))
+    assert ctl.plan(opts, steps=8).iterations == 1  # the choice, no probe
+    bad = hwbptt.Diagnostics(iterations=1, used=1, diverged=event == "diverged", growth=2.0,
+                             unconverged=event == "unconverged", rate=0.9, remainder=3.0)
+    ctl.report(0, bad)
+    assert ctl.plan(opts, steps=8).probe is not None  # the regime changed: probe at the next step
+    events = [e for e in ctl.history if "event" in e]
+    assert [e["event"] for e in events] == [event] and events[0]["step"] == 1
+    assert events[0].get("growth" if event == "diverged" else "remainder") in (2.0, 3.0)
+
+
 # ----------------------------------------------------------------------------- torch layers
 
 
@@ -180,6 +230,24 @@ def test_divergent_gru_fixed_k_warns_once_and_keeps_best():
         g3 = grads(m, x, target)  # once per layer: no second warning
     m.iterations = d.used
     np.testing.assert_allclose(grads(m, x, target), g3, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [HighwayGRU, HighwayLSTM])
+def test_slowly_converging_fixed_k_warns_once(cls):
+    """Recurrent weights x4: the updates still shrink (no divergence) but only by about 0.75
+    per iteration, so at k = 1 the estimated rest outweighs the estimate; the warning says
+    so, and the gradient really is far from BPTT's."""
+    m = make(cls, 4.0, iterations=1)
+    x, target = data()
+    with pytest.warns(HighwayDivergenceWarning, match="shrank by only") as caught:
+        g = grads(m, x, target)
+    assert len([w for w in caught if issubclass(w.category, HighwayDivergenceWarning)]) == 1
+    d = m.last_diagnostics[(0, 0)]
+    assert d.unconverged and not d.diverged and d.remainder > 1.0 and 0.5 < d.rate < 1.0
+    assert cosine(g, bptt_grads(m, x, target)) < 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HighwayDivergenceWarning)
+        grads(m, x, target)  # once per layer
 
 
 def test_divergent_lstm_gates_split_keeps_the_matching_hidden_adjoint():
@@ -206,10 +274,12 @@ def test_tol_stops_on_divergence_torch():
 @pytest.mark.parametrize("cls", [HighwayGRU, HighwayLSTM])
 def test_contractive_no_warning_and_auto_picks_k_below_T(cls):
     x, target = data()
-    fixed = make(cls, iterations=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", HighwayDivergenceWarning)
-        grads(fixed, x, target)
+        for k in (1, 3):  # k = 1 too: its estimate is near BPTT's here (remainder ~0.05)
+            fixed = make(cls, iterations=k)
+            grads(fixed, x, target)
+            assert fixed.last_diagnostics[(0, 0)].remainder < 0.2
         m = make(cls, iterations="auto", probe_every=4)
         m.highway_auto.timing = cheap_highway
         for _ in range(3):

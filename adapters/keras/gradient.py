@@ -118,7 +118,7 @@ def backward(math: Any, options: HighwayOptions, params: list, x: Any, s0: Any, 
     ds0 = dprev0 if m is None else dprev0 + (1 - m[0]) * u[0]
     if gy is not None:
         ds0 = ds0 + routed[0]
-    if report is not None and not ops_.traced and (options.diagnostics or diag.diverged or diag.probe is not None):
+    if report is not None and not ops_.traced and (options.diagnostics or diag.diverged or diag.unconverged or diag.probe is not None):
         report(diag)
     return dx, ds0, dparams
 
@@ -238,21 +238,13 @@ def after_backward(layer: Any, diagnostics: Diagnostics) -> None:
     (once per layer)."""
     import warnings
 
-    from hwbptt.options import HighwayDivergenceWarning
+    from hwbptt.options import divergence_warning
 
     ctl = layer.__dict__.get("_highway_auto")
     if ctl is not None and layer.iterations == "auto":
         ctl.report(0, diagnostics)
         return
-    if not diagnostics.diverged or layer.__dict__.get("_highway_divergence_warned"):
+    if not (diagnostics.diverged or diagnostics.unconverged) or layer.__dict__.get("_highway_divergence_warned"):
         return
     object.__setattr__(layer, "_highway_divergence_warned", True)
-    warnings.warn(
-        HighwayDivergenceWarning(
-            f"HighwayRNN ({layer.name}): the Highway-BP updates grew {diagnostics.growth:.3g}x over "
-            f"{diagnostics.iterations} iterations (iterations={layer.iterations}): the path sum diverges, so more "
-            f"iterations give a worse gradient; the estimate of iteration {diagnostics.used} was kept. Use "
-            "iterations='auto', fewer iterations, or iterations=None (exact). Warned once per layer."
-        ),
-        stacklevel=2,
-    )
+    warnings.warn(divergence_warning(f"HighwayRNN ({layer.name})", diagnostics, layer.iterations), stacklevel=2)

@@ -7,7 +7,7 @@ their autograd Functions are written):
   options of its backward (a probe, or the mode chosen by ``hwbptt.auto.AutoController``);
 - ``after_backward(module, key, diagnostics)`` after every Highway backward: hands a
   probe's measurements to the controller, and warns (``HighwayDivergenceWarning``, once
-  per layer and direction) when a fixed ``k`` diverged. ``Sink`` is the dict of a
+  per layer and direction) when a fixed ``k`` diverged or converged far too slowly. ``Sink`` is the dict of a
   forward's diagnostics that calls it when the backward stores an entry.
 
 ``probe_adjoint`` is what a tape's ``highway()`` runs for a probe: the exact adjoint
@@ -24,7 +24,7 @@ from typing import Any, Callable, Hashable
 import torch
 
 from hwbptt.auto import AutoController
-from hwbptt.options import Diagnostics, HighwayDivergenceWarning, HighwayOptions
+from hwbptt.options import Diagnostics, HighwayOptions, divergence_warning
 
 __all__ = ["plan", "after_backward", "Sink", "probe_adjoint", "controller"]
 
@@ -52,25 +52,14 @@ def after_backward(module: Any, key: Hashable, diagnostics: Diagnostics) -> None
     if ctl is not None and module.iterations == "auto":
         ctl.report(key, diagnostics)  # auto reacts to a divergence by probing again; no warning
         return
-    if not diagnostics.diverged:
+    if not (diagnostics.diverged or diagnostics.unconverged):
         return
     warned = module.__dict__.setdefault(_WARNED, set())
     if key in warned:
         return
     warned.add(key)
     where = "" if key is None else f" (layer {key[0]}, direction {key[1]})" if isinstance(key, tuple) else f" ({key})"
-    warnings.warn(
-        HighwayDivergenceWarning(
-            f"{type(module).__name__}{where}: the Highway-BP updates grew {diagnostics.growth:.3g}x over "
-            f"{diagnostics.iterations} iterations (iterations={module.iterations}): the path sum diverges "
-            "(the recurrent block is large against the residual, a near-chaotic regime), so more iterations "
-            f"give a worse gradient; the estimate of iteration {diagnostics.used} was kept. Use "
-            "iterations='auto' (measures the cosine to the exact gradient and picks a faithful mode, exact "
-            "included), fewer iterations, or iterations=None (exact BPTT). Warned once per layer; every "
-            "occurrence is in last_diagnostics (diverged, growth)."
-        ),
-        stacklevel=2,
-    )
+    warnings.warn(divergence_warning(f"{type(module).__name__}{where}", diagnostics, module.iterations), stacklevel=2)
 
 
 class Sink(dict):

@@ -72,6 +72,21 @@ def test_keras_fixed_k_divergence_warns_once():
             _grad(model, x, y)
 
 
+def test_keras_slow_convergence_warns():
+    """Recurrent kernel x4: the updates shrink too slowly for k = 1 (keras.ops path)."""
+    from hwbptt.keras import tf_kernels
+
+    model, layer, _ = _model(4.0, 1)
+    exact_model, _, _ = _model(4.0, None)
+    x, y = _data()
+    with tf_kernels.use(False):
+        with pytest.warns(HighwayDivergenceWarning, match="shrank by only"):
+            g = _grad(model, x, y)
+    d = layer.last_diagnostics
+    assert d.unconverged and not d.diverged and d.remainder > 1.0
+    assert _cos(g, _grad(exact_model, x, y)) < 0.95
+
+
 @pytest.mark.parametrize("scale, faithful_k", [(1.0, True), (6.0, False)])
 def test_keras_auto_meets_fidelity(scale, faithful_k):
     model, layer, _ = _model(scale, "auto", probe_every=2)
