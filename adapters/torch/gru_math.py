@@ -167,11 +167,18 @@ class FastGRUTape(GRUTape):
         """Run the forward with ``reserve.gru_forward`` (which keeps the gates) and return
         ``(tape, y)``: no rebuild in the backward."""
         buf, gh, y = reserve.gru_forward(x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh)
+        return cls.from_kept(x, y, h0, w, buf, gh), y
+
+    @classmethod
+    def from_kept(cls, x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, w: GRUWeights,
+                  buf: torch.Tensor, gh: torch.Tensor) -> "FastGRUTape":
+        """The tape on what ``reserve.gru_forward`` returned (the gate buffer with its zero
+        row and the hidden pre-activations), with nothing rebuilt."""
         tape = cls.__new__(cls)
         tape.x, tape.y, tape.h0, tape.w = x, y, h0, w
         tape._x2 = x.reshape(x.shape[0] * x.shape[1], -1)
         tape._adopt(buf, gh)
-        return tape, y
+        return tape
 
     def _adopt(self, buf: torch.Tensor, gh: torch.Tensor) -> None:
         """Take the gate buffer (T+1, B, 3H) (gates in rows ``0..T-1``, zeros in row ``T``)

@@ -304,11 +304,18 @@ class FastLSTMTape(LSTMTape):
         ``(tape, y)``: no rebuild in the backward. No ``proj_size``."""
         bias = None if w.b_ih is None else w.b_ih + w.b_hh
         buf, y, c, tanh_c, gain = reserve.lstm_forward(x, h0, c0, w.w_ih, w.w_hh, bias)
+        return cls.from_kept(x, y, h0, c0, w, buf, c, tanh_c, gain), y
+
+    @classmethod
+    def from_kept(cls, x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w: LSTMWeights,
+                  buf: torch.Tensor, c: torch.Tensor, tanh_c: torch.Tensor, gain: torch.Tensor) -> "FastLSTMTape":
+        """The tape on what ``reserve.lstm_forward`` returned (the gate buffer with its zero
+        row, the cell states, ``tanh c`` and the readout gain), with nothing rebuilt."""
         tape = cls.__new__(cls)
         tape.x, tape.y, tape.h0, tape.c0, tape.w = x, y, h0, c0, w
         tape._x2 = x.reshape(x.shape[0] * x.shape[1], -1)
         tape._adopt(buf, c, tanh_c, gain)
-        return tape, y
+        return tape
 
     def _adopt(self, buf: torch.Tensor, c: torch.Tensor, tanh_c: torch.Tensor, gain: torch.Tensor) -> None:
         """Take the gate buffer (T+1, B, 4H) (gates in rows ``0..T-1``, zeros in row ``T``)

@@ -170,28 +170,17 @@ def _kept(t: Tensor) -> bool:
 
 
 def _lstm_tape(x, y, h0, c0, w: LSTMWeights, gates, c, tanh_c, gain):
-    """The LSTM tape on the tensors the forward kept, else rebuilt from ``y``.
-
-    The kept case does what ``FastLSTMTape.from_reserve`` does after its kernel call (the
-    forward ran that kernel in another operator call)."""
+    """The LSTM tape on the tensors the forward kept, else rebuilt from ``y``."""
     if not _kept(gates):
         return make_lstm_tape(x, y, h0, c0, w)
-    tape = FastLSTMTape.__new__(FastLSTMTape)
-    tape.x, tape.y, tape.h0, tape.c0, tape.w = x, y, h0, c0, w
-    tape._x2 = x.reshape(x.shape[0] * x.shape[1], -1)
-    tape._adopt(gates, c, tanh_c, gain)
-    return tape
+    return FastLSTMTape.from_kept(x, y, h0, c0, w, gates, c, tanh_c, gain)
 
 
 def _gru_tape(x, y, h0, w: GRUWeights, gates, gh):
-    """As ``_lstm_tape``, after ``FastGRUTape.from_reserve``."""
+    """The GRU tape on the tensors the forward kept, else rebuilt from ``y``."""
     if not _kept(gates):
         return make_gru_tape(x, y, h0, w)
-    tape = FastGRUTape.__new__(FastGRUTape)
-    tape.x, tape.y, tape.h0, tape.w = x, y, h0, w
-    tape._x2 = x.reshape(x.shape[0] * x.shape[1], -1)
-    tape._adopt(gates, gh)
-    return tape
+    return FastGRUTape.from_kept(x, y, h0, w, gates, gh)
 
 
 def _last_step_gradient(like: Tensor, grad_last: Tensor, lengths: Tensor | None) -> Tensor:
