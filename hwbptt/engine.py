@@ -200,6 +200,7 @@ def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u
     ``diagnostics.iterations``, ``update_norms``, ``diverged`` and ``growth`` become
     scalar arrays; an iteration after the stop counts 0 and records a change of 0."""
     best, best_d, floor, stopped = u, None, None, None
+    last_d, used = None, None  # the update and the index of the iterate kept (scalar arrays)
     diagnostics.used = None  # not readable from a trace
     for k in range(1, iterations + 1):
         v = block(u)
@@ -208,14 +209,15 @@ def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u
         u_next = ops.reverse_scan(a, local + v)
         d = ops.norm(u_next - u)
         if floor is None:
-            floor = GROWTH_FLOOR * ops.norm(u)
+            d0 = ops.norm(u)
+            floor = GROWTH_FLOOR * d0
         change = None
         if tol is not None or record:
             norm_next = ops.norm(u_next)
             change = d / ops.where(norm_next > 1e-30, norm_next, 1e-30)
         live = None if stopped is None else ~stopped  # this iteration counts
         if best_d is None:
-            best, best_d = u_next, d
+            best, best_d, last_d, used = u_next, d, d, 1.0 + 0.0 * d
             diagnostics.diverged = d < 0.0  # a false scalar array
             diagnostics.growth = 0.0 * d
             grew = d < 0.0
@@ -231,6 +233,7 @@ def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u
             diagnostics.diverged = diagnostics.diverged | grew
             best = ops.where(better, u_next, best)
             best_d = ops.where(better & (d < best_d), d, best_d)
+            last_d, used = ops.where(better, d, last_d), ops.where(better, float(k) + 0.0 * d, used)
         diagnostics.iterations = diagnostics.iterations + (1 if live is None else ops.where(live, 1, 0))
         if change is not None:
             diagnostics.update_norms.append(change if live is None else ops.where(live, change, 0.0 * change))
@@ -238,4 +241,16 @@ def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u
         if tol is not None:
             done = (change <= tol) | grew
             stopped = done if stopped is None else stopped | done
+    if diverge and last_d is not None:
+        # remainder_estimate on scalar arrays (no branch on a value); only read where not diverged
+        safe_d0 = ops.where(d0 > 0.0, d0, 1.0 + 0.0 * d0)
+        ratio = ops.where((d0 > 0.0) & (last_d > 0.0), last_d / safe_d0, 0.0 * d0)
+        rate = ratio ** (1.0 / used)
+        slow = rate >= 1.0
+        gap = ops.where(slow, 1.0 + 0.0 * rate, 1.0 - rate)
+        norm_best = ops.norm(best)
+        rest = last_d * rate / gap / ops.where(norm_best > 1e-30, norm_best, 1e-30 + 0.0 * norm_best)
+        diagnostics.rate = rate
+        diagnostics.remainder = ops.where(slow, float("inf") + 0.0 * rest, rest)
+        diagnostics.unconverged = ~diagnostics.diverged & (diagnostics.remainder > REMAINDER_LIMIT)
     return best, diagnostics

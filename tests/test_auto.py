@@ -147,6 +147,34 @@ def test_engine_slow_linear_problem_is_unconverged_and_more_iterations_fix_it():
     np.testing.assert_allclose(u40, exact, rtol=1e-10, atol=1e-10)
 
 
+class TracedNumpyOps(NumpyOps):
+    """The engine's symbolic-array contract on NumPy: norms are 0-d arrays, no Python branch
+    reads a value (``traced``), selects by ``where``."""
+
+    traced = True
+
+    @staticmethod
+    def norm(x):
+        return np.asarray(np.linalg.norm(x))
+
+    @staticmethod
+    def where(cond, x, y):
+        return np.where(cond, x, y)
+
+
+@pytest.mark.parametrize("gain, k, tol", [(0.48, 1, None), (0.48, 3, None), (0.2, 3, None), (0.48, 40, None),
+                                          (0.2, 30, 1e-3), (1.5, 5, None)])
+def test_traced_loop_reports_what_the_eager_loop_does(gain, k, tol):
+    a, local, block, _ = _linear_problem(gain=gain)
+    u, d = highway_adjoint(a, local, block, iterations=k, ops=NumpyOps, tol=tol)
+    ut, dt = highway_adjoint(a, local, block, iterations=k, ops=TracedNumpyOps, tol=tol)
+    np.testing.assert_allclose(ut, u, rtol=1e-12, atol=1e-12)
+    assert bool(dt.diverged) == d.diverged and bool(dt.unconverged) == d.unconverged
+    if not d.diverged:
+        assert float(dt.rate) == pytest.approx(d.rate, rel=1e-9, abs=1e-12)
+        assert float(dt.remainder) == pytest.approx(d.remainder, rel=1e-9, abs=1e-12)
+
+
 def test_engine_k0_and_fpi_report_no_remainder():
     a, local, block, _ = _linear_problem(gain=0.48)
     _, d0 = highway_adjoint(a, local, block, iterations=0, ops=NumpyOps)
