@@ -113,6 +113,7 @@ def test_keras_auto_options_validated_and_serialised():
 tf_only = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a TensorFlow graph (tf.function)")
 TG = 10  # a graph holds one branch per mode of the ladder below T (0, 1, 2, 3, 5 and exact here): short to trace
 
+
 def _cheap(probe):
     """A timing model: each k costs 1 + k, exact 100 (the choice is the smallest faithful k)."""
     return {k: 1.0 + k for k in probe["cosines"]}, 100.0
