@@ -135,10 +135,10 @@ def _has_residual(math: Any) -> bool:
 def _probe(iterate: Callable, exact: Callable, options: HighwayOptions, traced: bool) -> tuple[Any, Diagnostics]:
     """A probe of ``iterations="auto"`` (``hwbptt.auto``): the exact adjoint (returned) and
     the cosine and time of each rung of the ladder, from one pass of the iteration."""
-    if traced:
+    if traced:  # never on TensorFlow: auto_graph runs the probe eagerly in a py_function
         raise ValueError(
             "HighwayRNN: iterations='auto' measures cosines and times in Python, which a traced graph "
-            "(tf.function, jax.jit) cannot; compile the model with run_eagerly=True, use the torch backend, "
+            "(jax.jit) cannot; compile the model with run_eagerly=True, use the TensorFlow or torch backend, "
             "or set a fixed iterations"
         )
     t = time.perf_counter()
@@ -177,9 +177,11 @@ def _exact_for_debug(lin: Any, local: Any, m: Any, block: Callable, a: Any, opti
 
 
 def highway_sequence(math: Any, options: HighwayOptions, x: Any, s0: Any, params: list, mask: Any = None,
-                     report: Callable[[Diagnostics], None] | None = None) -> Any:
+                     report: Callable[[Diagnostics], None] | None = None, auto: Any = None) -> Any:
     """The states after every step (and a user cell's raw outputs), with the Highway-BP
-    gradient attached. ``mask``: boolean ``(T, B, 1)`` or ``None``."""
+    gradient attached. ``mask``: boolean ``(T, B, 1)`` or ``None``. ``auto``: a
+    ``auto_graph.GraphAuto`` (``iterations="auto"`` in a TensorFlow graph), whose plan picks
+    the backward of each step."""
 
     @ops.custom_gradient
     def op(x, s0, *params):
@@ -195,12 +197,30 @@ def highway_sequence(math: Any, options: HighwayOptions, x: Any, s0: Any, params
             if upstream is None:
                 (upstream,) = args
             upstream = match_shape(upstream, seq)
+            if auto is not None:
+                return tuple(_auto_backward(auto, math, params, x, s0, seq, mask, upstream))
             dx, ds0, dparams = backward(math, options, params, x, s0, seq, mask, upstream, report)
             return (dx, ds0, *dparams)
 
         return seq, grad
 
     return op(x, s0, *params)
+
+
+def _auto_backward(auto: Any, math: Any, params: list, x: Any, s0: Any, seq: Any, mask: Any, upstream: Any) -> list:
+    """``[∂L/∂x, ∂L/∂s_0, *∂L/∂θ]`` in a graph in auto mode: the planned mode's backward, or
+    the probe (run eagerly, reported to the controller)."""
+    gates = (getattr(math, "in_gates", None), getattr(math, "rec_gates", None))
+
+    def fixed(o: HighwayOptions) -> list:
+        dx, ds0, dparams = auto.ops_backward(o, x, s0, seq, mask, upstream, params, gates, report=False)
+        return [dx, ds0, *dparams]
+
+    def probe(o: HighwayOptions, x, s0, seq, mask, upstream, in_gates, rec_gates, *params) -> list:
+        dx, ds0, dparams = auto.ops_backward(o, x, s0, seq, mask, upstream, list(params), (in_gates, rec_gates))
+        return [dx, ds0, *dparams]
+
+    return auto.gradient(fixed, probe, [x, s0, seq, mask, upstream, *gates, *params], [x, s0, *params])
 
 
 def auto_options(layer: Any, options: HighwayOptions, steps: Any, training: Any, traced: bool) -> HighwayOptions:
@@ -211,11 +231,11 @@ def auto_options(layer: Any, options: HighwayOptions, steps: Any, training: Any,
 
     if not training:
         return dataclasses.replace(options, iterations=None, tol=None)
-    if traced:
+    if traced:  # a TensorFlow graph goes through auto_graph.GraphAuto instead (layer.call)
         raise ValueError(
             "HighwayRNN: iterations='auto' measures cosines and times in Python at each probe, which a traced "
-            "graph (tf.function, jax.jit; model.fit compiles one by default) cannot; use "
-            "model.compile(..., run_eagerly=True), the torch backend, or a fixed iterations"
+            "graph of this backend (jax.jit) cannot; use model.compile(..., run_eagerly=True), the TensorFlow "
+            "or torch backend, or a fixed iterations"
         )
     if steps is None:
         raise ValueError("HighwayRNN: iterations='auto' needs a static sequence length (the ladder is capped at T)")

@@ -21,7 +21,7 @@ from keras import ops
 
 from hwbptt.options import HighwayOptionsMixin
 
-from . import gate_dropout, tf_kernels, torch_kernels
+from . import auto_graph, gate_dropout, tf_kernels, torch_kernels
 from .backend_ops import is_traced
 from .gradient import after_backward, auto_controller, auto_options, highway_sequence
 from .gru import GRUMath
@@ -77,8 +77,10 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
     - ``iterations="auto"`` with ``fidelity`` (default 0.99) and ``probe_every`` (default
       50): every ``probe_every`` training calls the exact adjoint and the ladder's cosines
       and times are measured and the fastest faithful mode is used (``hwbptt.auto``;
-      ``highway_auto.history``). Needs eager execution (``run_eagerly=True``, or the torch
-      backend); non-training calls are exact. A fixed ``k`` whose updates grow warns once
+      ``highway_auto.history``). In eager execution, and in a TensorFlow graph
+      (``model.fit`` with the default ``compile()``: ``auto_graph``, without XLA, where
+      ``jit_compile=True`` is a ``ValueError``); not under ``jax.jit``. Non-training calls
+      are exact. A fixed ``k`` whose updates grow warns once
       (``hwbptt.HighwayDivergenceWarning``) in eager execution.
     - ``residual`` (user cells only): ``"identity"``, ``None``/``"none"`` (FPI) or a
       callable ``(x_t, states_prev, states_new) -> multipliers`` giving ``diag K_t``.
@@ -121,6 +123,23 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
     def highway_auto(self) -> Any:
         """The ``"auto"`` controller (``hwbptt.auto.AutoController``: ``choice``, ``history``)."""
         return auto_controller(self)
+
+    @property
+    def supports_jit(self) -> bool:
+        """Keras asks every layer before it compiles a step with XLA (``model_supports_jit``).
+        With ``iterations="auto"`` on TensorFlow the controller runs in a ``tf.py_function``,
+        which XLA cannot compile: ``False``, so ``compile()``'s default ``jit_compile="auto"``
+        resolves to no XLA; an explicit ``jit_compile=True`` is a ``ValueError`` here, where
+        Keras would otherwise warn and drop it."""
+        if self.iterations == "auto" and keras.backend.backend() == "tensorflow":
+            if auto_graph.explicit_jit_request():
+                raise ValueError(auto_graph.XLA_MESSAGE)
+            return False
+        return self.__dict__.get("_highway_supports_jit", True)
+
+    @supports_jit.setter
+    def supports_jit(self, value: bool) -> None:
+        self.__dict__["_highway_supports_jit"] = value
 
     # ------------------------------------------------------------ checks
     def _check_supported(self) -> None:
@@ -259,26 +278,35 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
             x_tm = ops.flip(x_tm, axis=0)
             m_tm = None if m_tm is None else ops.flip(m_tm, axis=0)
 
-        if options.auto:  # "auto" resolved to this call's mode (adapters/keras/gradient.py)
-            options = auto_options(self, options, x.shape[1], training, is_traced(x))
-
         def report(d):  # every eager backward's diagnostics; the probe report and the divergence warning
             object.__setattr__(self, "last_diagnostics", d)
             after_backward(self, d)
+
+        def math_for(opts, gates):  # the cell math of one mode, with the gate dropout masks
+            exact = opts.iterations is None and opts.tol is None
+            math = self._make_math("step" if (exact or m_tm is not None) else opts.split, training)
+            if gates[0] is not None or gates[1] is not None:
+                math.in_gates = None if gates[0] is None else ops.cast(gates[0], x.dtype)
+                math.rec_gates = None if gates[1] is None else ops.cast(gates[1], x.dtype)
+            return math
+
+        graph_auto = None
+        if options.auto:  # "auto" resolved to this call's mode (adapters/keras/gradient.py)
+            if training and is_traced(x) and keras.backend.backend() == "tensorflow":
+                # In a graph, each executed step plans its mode (adapters/keras/auto_graph.py).
+                graph_auto = auto_graph.GraphAuto(self, options, x.shape[1], math_for, report)
+            else:
+                options = auto_options(self, options, x.shape[1], training, is_traced(x))
+
         if torch_kernels.applies(cell, x_tm, m_tm, gate_masks):
             out, final = torch_kernels.run(cell, self._params(x.dtype), x_tm, states, options, report)
             return self._finish(out, final)
         if tf_kernels.applies(cell, x_tm, m_tm, gate_masks, options):
-            out, final = tf_kernels.run(cell, self._params(x.dtype), x_tm, states, options)
+            out, final = tf_kernels.run(cell, self._params(x.dtype), x_tm, states, options, graph_auto)
             return self._finish(out, final)
 
-        exact = options.iterations is None and options.tol is None
-        split = "step" if (exact or m_tm is not None) else options.split
-        math = self._make_math(split, training)
-        if gate_masks is not None:
-            math.in_gates = None if in_gates is None else ops.cast(in_gates, x.dtype)
-            math.rec_gates = None if rec_gates is None else ops.cast(rec_gates, x.dtype)
-        seq = highway_sequence(math, options, x_tm, s0, self._params(x.dtype), m_tm, report)
+        math = math_for(options, (in_gates, rec_gates))
+        seq = highway_sequence(math, options, x_tm, s0, self._params(x.dtype), m_tm, report, graph_auto)
 
         width = sum(math.state_sizes)
         s_seq = seq[..., :width]

@@ -90,16 +90,19 @@ def _backward(act: str, ract: str, H: int, key: tuple) -> Any:
     return backward
 
 
-def gru_run(cell: Any, params: list, x: Any, states: list, options: HighwayOptions) -> tuple[Any, list]:
+def gru_run(cell: Any, params: list, x: Any, states: list, options: HighwayOptions,
+            auto: Any = None) -> tuple[Any, list]:
     import tensorflow as tf
 
     act, ract = tk._act_name(cell.activation), tk._act_name(cell.recurrent_activation)
     W, U = params[0], params[1]
     H = cell.units
     b = params[2] if cell.use_bias else tf.zeros((2, 3 * H), dtype=x.dtype)
-    key = tk._options_key(options, x.shape[0])
     forward = tk._compiled(("gru-f", act, ract, H), lambda: _forward(act, ract, H), tk._state["forward_xla"])
-    backward = tk._compiled(("gru-b", act, ract, H, key), lambda: _backward(act, ract, H, key), tk._state["backward_xla"])
+
+    def backward_for(o: HighwayOptions) -> Any:
+        key = tk._options_key(o, x.shape[0])
+        return tk._compiled(("gru-b", act, ract, H, key), lambda: _backward(act, ract, H, key), tk._state["backward_xla"])
 
     @tf.custom_gradient
     def op(x, W, U, b, h0):
@@ -107,15 +110,25 @@ def gru_run(cell: Any, params: list, x: Any, states: list, options: HighwayOptio
         # stop_gradient: no tape may ask the loop for a gradient of its own (see tf_lstm).
         hs, gs = forward(*[tf.stop_gradient(t) for t in (xw, U, b[1], h0)])
 
-        def grad(dhs):
-            dhs = tf.zeros_like(hs) if dhs is None else tf.reshape(dhs, tf.shape(hs))
-            d_in, d_rec, ds0 = backward(hs, gs, h0, U, dhs)
+        def grads(o, dhs):
+            d_in, d_rec, ds0 = backward_for(o)(hs, gs, h0, U, dhs)
             d_in.set_shape(hs.shape[:-1] + [3 * H])
             d_rec.set_shape(hs.shape[:-1] + [3 * H])
             h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
             dx = tk._project(d_in, W, transpose_b=True)  # pruned by the graph when unused
             db = tf.stack([tf.reduce_sum(d_in, axis=(0, 1)), tf.reduce_sum(d_rec, axis=(0, 1))])
             return dx, tk._weight_grad(x, d_in), tk._weight_grad(h_prev, d_rec), db, ds0
+
+        def probe(o, x, W, U, b, h0, hs, dhs):
+            # The keras.ops path's probe on this route's states (auto_graph), eagerly.
+            dx, ds0, dparams = auto.ops_backward(o, x, h0, hs, None, dhs, [W, U, b][: len(params)])
+            return dx, dparams[0], dparams[1], dparams[2] if cell.use_bias else tf.zeros_like(b), ds0
+
+        def grad(dhs):
+            dhs = tf.zeros_like(hs) if dhs is None else tf.reshape(dhs, tf.shape(hs))
+            if auto is None:
+                return grads(options, dhs)
+            return tuple(auto.gradient(lambda o: grads(o, dhs), probe, [x, W, U, b, h0, hs, dhs], [x, W, U, b, h0]))
 
         return hs, grad
 

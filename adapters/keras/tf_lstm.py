@@ -118,16 +118,19 @@ def _backward(act: str, ract: str, H: int, key: tuple) -> Any:
     return backward
 
 
-def lstm_run(cell: Any, params: list, x: Any, states: list, options: HighwayOptions) -> tuple[Any, list]:
+def lstm_run(cell: Any, params: list, x: Any, states: list, options: HighwayOptions,
+             auto: Any = None) -> tuple[Any, list]:
     import tensorflow as tf
 
     act, ract = tk._act_name(cell.activation), tk._act_name(cell.recurrent_activation)
     W, U = params[0], params[1]
     H = cell.units
     b = params[2] if cell.use_bias else tf.zeros((4 * H,), dtype=x.dtype)
-    key = tk._options_key(options, x.shape[0])
     forward = tk._compiled(("lstm-f", act, ract, H), lambda: _forward(act, ract, H), tk._state["forward_xla"])
-    backward = tk._compiled(("lstm-b", act, ract, H, key), lambda: _backward(act, ract, H, key), tk._state["backward_xla"])
+
+    def backward_for(o: HighwayOptions) -> Any:
+        key = tk._options_key(o, x.shape[0])
+        return tk._compiled(("lstm-b", act, ract, H, key), lambda: _backward(act, ract, H, key), tk._state["backward_xla"])
 
     @tf.custom_gradient
     def op(x, W, U, b, h0, c0):
@@ -136,14 +139,27 @@ def lstm_run(cell: Any, params: list, x: Any, states: list, options: HighwayOpti
         # per-step accumulators, and XLA refuses them): the gradient is grad's.
         hs, cs, gs = forward(*[tf.stop_gradient(t) for t in (xw, U, h0, c0)])
 
-        def grad(dhs, dcs):
-            dhs = tf.zeros_like(hs) if dhs is None else tf.reshape(dhs, tf.shape(hs))
-            dcs = tf.zeros_like(cs) if dcs is None else tf.reshape(dcs, tf.shape(cs))
-            d, dh0, dc0 = backward(hs, cs, gs, h0, c0, U, dhs, dcs)
+        def grads(o, dhs, dcs):
+            d, dh0, dc0 = backward_for(o)(hs, cs, gs, h0, c0, U, dhs, dcs)
             d.set_shape(gs.shape)
             h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
             dx = tk._project(d, W, transpose_b=True)  # pruned by the graph when unused
             return dx, tk._weight_grad(x, d), tk._weight_grad(h_prev, d), tf.reduce_sum(d, axis=(0, 1)), dh0, dc0
+
+        def probe(o, x, W, U, b, h0, c0, hs, cs, dhs, dcs):
+            # The keras.ops path's probe on this route's states (auto_graph), eagerly.
+            dx, ds0, dparams = auto.ops_backward(o, x, tf.concat([h0, c0], -1), tf.concat([hs, cs], -1), None,
+                                                 tf.concat([dhs, dcs], -1), [W, U, b][: len(params)])
+            db = dparams[2] if cell.use_bias else tf.zeros_like(b)
+            return dx, dparams[0], dparams[1], db, ds0[:, :H], ds0[:, H:]
+
+        def grad(dhs, dcs):
+            dhs = tf.zeros_like(hs) if dhs is None else tf.reshape(dhs, tf.shape(hs))
+            dcs = tf.zeros_like(cs) if dcs is None else tf.reshape(dcs, tf.shape(cs))
+            if auto is None:
+                return grads(options, dhs, dcs)
+            return tuple(auto.gradient(lambda o: grads(o, dhs, dcs), probe,
+                                       [x, W, U, b, h0, c0, hs, cs, dhs, dcs], [x, W, U, b, h0, c0]))
 
         return (hs, cs), grad
 

@@ -1,4 +1,5 @@
-"""``iterations="auto"`` and the divergence warning on the Keras wrapper (eager execution)."""
+"""``iterations="auto"`` and the divergence warning on the Keras wrapper: eager execution
+(both backends), and model.fit's traced ``tf.function`` on TensorFlow."""
 
 from __future__ import annotations
 
@@ -51,9 +52,9 @@ def _cos(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def _data(seed=1):
+def _data(seed=1, steps=T):
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((B, T, I)).astype("float32"), rng.standard_normal((B, T, H)).astype("float32")
+    return rng.standard_normal((B, steps, I)).astype("float32"), rng.standard_normal((B, steps, H)).astype("float32")
 
 
 def test_keras_fixed_k_divergence_warns_once():
@@ -103,16 +104,13 @@ def test_keras_auto_meets_fidelity(scale, faithful_k):
     assert [e["step"] for e in layer.highway_auto.history] == [0, 2]
 
 
-def test_keras_auto_refuses_a_traced_graph():
-    model, _, _ = _model(1.0, "auto")
-    if keras.backend.backend() == "torch":
-        pytest.skip("the torch backend runs eagerly")
-    model.compile(optimizer="sgd", loss="mse")
-    x, y = _data()
-    with pytest.raises(ValueError, match="run_eagerly=True"):
-        model.fit(x, y, epochs=1, verbose=0)
+def test_keras_auto_fit_run_eagerly():
+    """model.fit in eager execution (the torch backend runs eagerly anyway)."""
+    model, layer, _ = _model(1.0, "auto", probe_every=2)
     model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
+    x, y = _data()
     model.fit(x, y, epochs=1, batch_size=B, verbose=0)
+    assert [e["step"] for e in layer.highway_auto.history] == [0]
 
 
 def test_keras_auto_options_validated_and_serialised():
@@ -123,3 +121,174 @@ def test_keras_auto_options_validated_and_serialised():
     layer = HighwayRNN(keras.layers.GRU(H), iterations="auto", fidelity=0.9, probe_every=7)
     again = HighwayRNN.from_config(layer.get_config())
     assert (again.iterations, again.fidelity, again.probe_every) == ("auto", 0.9, 7)
+
+
+# ------------------------------------------------------------------ traced (TensorFlow graph)
+
+tf_only = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a TensorFlow graph (tf.function)")
+TG = 10  # a graph holds one branch per mode of the ladder below T (0, 1, 2, 3, 5 and exact here): short to trace
+
+
+def _cheap(probe):
+    """A timing model: each k costs 1 + k, exact 100 (the choice is the smallest faithful k)."""
+    return {k: 1.0 + k for k in probe["cosines"]}, 100.0
+
+
+def _auto_fit_model(kind, scale=1.0, seed=0, **options):
+    """``HighwayRNN(kind, iterations="auto")`` compiled with compile()'s defaults (no
+    run_eagerly, jit_compile="auto") and SGD(1): a step's gradient is the weight change."""
+    keras.utils.set_random_seed(seed)
+    inner = getattr(keras.layers, kind)(H, return_sequences=True)
+    layer = HighwayRNN(inner, iterations="auto", **options)
+    inp = keras.Input((TG, I))
+    model = keras.Model(inp, layer(inp))
+    kernel = inner.cell.recurrent_kernel
+    kernel.assign(kernel.numpy() * scale)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    return model, layer, inner
+
+
+def _flat(tensors):
+    return np.concatenate([np.ravel(keras.ops.convert_to_numpy(t)) for t in tensors])
+
+
+def _tape_grad(fn, x, y, variables):
+    """The gradient of fit's loss (mse) of ``fn(x)``, eagerly by tf.GradientTape."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        loss = keras.losses.MeanSquaredError()(y, fn(x))
+    return _flat(tape.gradient(loss, variables))
+
+
+def _fit_step(model, x, y):
+    """One model.fit step (the traced train function); the gradient it applied."""
+    before = _flat(model.trainable_variables)
+    model.fit(x, y, epochs=1, batch_size=B, shuffle=False, verbose=0)
+    return before - _flat(model.trainable_variables)  # SGD(1): w <- w - g
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@tf_only
+@pytest.mark.parametrize("kind, route", [("LSTM", "tf"), ("GRU", "tf"), ("LSTM", "ops")])
+def test_fit_auto_probes_on_schedule_and_applies_the_choice(kind, route):
+    """Default compile: probes at steps 0 and 2 (probe_every=2, counted per executed step);
+    a probe step's gradient is BPTT's; between probes the gradient is the chosen fixed k's
+    (k < T, contractive case), on the TensorFlow route and on the keras.ops path."""
+    from hwbptt.keras import tf_kernels
+
+    model, layer, inner = _auto_fit_model(kind, probe_every=2)
+    layer.highway_auto.timing = _cheap
+    x, y = _data(steps=TG)
+    variables = inner.trainable_variables
+    with tf_kernels.use(route == "tf"):
+        for step in range(4):
+            exact = _tape_grad(lambda v: inner(v, training=True), x, y, variables)  # BPTT of the plain layer
+            choice = layer.highway_auto.history[-1]["choice"] if step % 2 else None  # history settles
+            fixed = HighwayRNN(inner, iterations=choice)
+            expected = _tape_grad(lambda v: fixed(v, training=True), x, y, variables)
+            got = _fit_step(model, x, y)
+            assert _rel(got, expected) < 2e-3, (step, choice)
+            if step % 2:  # the chosen k is not exact: the two references differ
+                assert isinstance(choice, int) and 0 <= choice < TG
+                assert _rel(expected, exact) > 1e-2
+            else:
+                assert _rel(got, exact) < 2e-3
+    ctl = layer.highway_auto
+    assert model.jit_compile is False
+    assert ctl.step == 4
+    assert [e["step"] for e in ctl.history] == [0, 2]
+    assert all(isinstance(e["choice"], int) and e["choice"] < TG for e in ctl.history)
+    assert layer.last_diagnostics.probe is not None  # the probe's report reached the layer
+
+
+@tf_only
+def test_fit_auto_divergent_gru_chooses_exact():
+    """Recurrent kernel x6: no k of the ladder is faithful, so exact, whatever the timing;
+    the non-probe steps' gradients are the plain GRU's BPTT (tf.GradientTape)."""
+    model, layer, inner = _auto_fit_model("GRU", scale=6.0, probe_every=3)
+    layer.highway_auto.timing = _cheap
+    x, y = _data(steps=TG)
+    for step in range(3):
+        exact = _tape_grad(lambda v: inner(v, training=True), x, y, inner.trainable_variables)
+        got = _fit_step(model, x, y)
+        assert _rel(got, exact) < 2e-3, step
+    ctl = layer.highway_auto
+    assert [(e["step"], e["choice"]) for e in ctl.history] == [(0, None)]
+    assert "no k of the ladder" in ctl.history[0]["reason"]
+
+
+@tf_only
+def test_fit_auto_same_seeds_same_choices():
+    """Two fresh runs with the same seeds: the same probes, cosines and choices (the
+    timing model makes the times deterministic; measured times are not)."""
+    def run():
+        model, layer, _ = _auto_fit_model("GRU", seed=3, probe_every=2)
+        layer.highway_auto.timing = _cheap
+        x, y = _data(seed=5, steps=TG)
+        model.fit(np.concatenate([x, x, x]), np.concatenate([y, y, y]), epochs=1, batch_size=B, shuffle=False,
+                  verbose=0)
+        return layer.highway_auto.history
+
+    first, second = run(), run()
+    assert [(e["step"], e["choice"]) for e in first] == [(e["step"], e["choice"]) for e in second] == [(0, 1), (2, 1)]
+    for a, b in zip(first, second):
+        assert a["cosines"].keys() == b["cosines"].keys()
+        np.testing.assert_allclose(list(a["cosines"].values()), list(b["cosines"].values()), rtol=1e-6)
+
+
+@tf_only
+def test_fit_auto_counts_executed_steps_in_one_trace():
+    """steps_per_execution=2 runs two steps per call of the traced function, one trace in
+    all: the controller still plans every executed step; evaluate and predict (exact, no
+    backward) plan nothing."""
+    model, layer, _ = _auto_fit_model("GRU", probe_every=2)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse", steps_per_execution=2)
+    layer.highway_auto.timing = _cheap
+    x, y = _data(steps=TG)
+    model.fit(np.concatenate([x] * 6), np.concatenate([y] * 6), epochs=1, batch_size=B, shuffle=False, verbose=0)
+    model.evaluate(x, y, batch_size=B, verbose=0)
+    model.predict(x, batch_size=B, verbose=0)
+    ctl = layer.highway_auto
+    assert ctl.step == 6
+    assert [e["step"] for e in ctl.history] == [0, 2, 4]
+
+
+@tf_only
+def test_auto_and_xla(monkeypatch):
+    """compile()'s default resolves to no XLA for a model holding an auto layer, also where
+    Keras would pick XLA (a GPU present); an explicit jit_compile=True, or the layer
+    training inside tf.function(jit_compile=True), is a ValueError naming the way out. A
+    fixed k keeps XLA."""
+    import tensorflow as tf
+    from keras.src.trainers.trainer import model_supports_jit
+
+    model, layer, _ = _auto_fit_model("GRU")
+    assert model_supports_jit(model) is False
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda *a: [tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")])
+    model.compile(optimizer="sgd", loss="mse")
+    assert model.jit_compile is False
+    monkeypatch.undo()
+    for options in (dict(jit_compile=True), dict(jit_compile=True, run_eagerly=False)):
+        with pytest.raises(ValueError, match=r"iterations='auto'.*jit_compile=False.*fixed iterations"):
+            model.compile(optimizer="sgd", loss="mse", **options)
+    x, y = _data(steps=TG)
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    with pytest.raises(ValueError, match=r"iterations='auto'.*XLA cannot compile"):
+        step(x)
+    assert layer.highway_auto.step == 0
+    layer.iterations = 2
+    assert model_supports_jit(model) is True
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    assert model.jit_compile is True
+    model.fit(x, y, epochs=1, batch_size=B, verbose=0)
