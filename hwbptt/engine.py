@@ -197,11 +197,11 @@ def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u
                  diverge: bool) -> tuple[Any, Diagnostics]:
     """The loop on symbolic arrays (see the ``traced`` note above): every iteration runs;
     the best iterate, the stop by ``tol`` or growth, and the diagnostics are selects.
-    ``diagnostics.iterations``, ``update_norms``, ``diverged`` and ``growth`` become
-    scalar arrays; an iteration after the stop counts 0 and records a change of 0."""
+    ``diagnostics.iterations``, ``update_norms``, ``diverged``, ``growth``, ``used``, and
+    (with ``diverge``) ``rate``, ``remainder`` and ``unconverged`` become scalar arrays; an iteration after the stop counts 0 and records a change of 0."""
     best, best_d, floor, stopped = u, None, None, None
     last_d, used = None, None  # the update and the index of the iterate kept (scalar arrays)
-    diagnostics.used = None  # not readable from a trace
+    diagnostics.used = None  # a scalar array once an iteration ran
     for k in range(1, iterations + 1):
         v = block(u)
         if gamma != 0.0:
@@ -241,6 +241,8 @@ def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u
         if tol is not None:
             done = (change <= tol) | grew
             stopped = done if stopped is None else stopped | done
+    if used is not None:
+        diagnostics.used = used
     if diverge and last_d is not None:
         # remainder_estimate on scalar arrays (no branch on a value); only read where not diverged
         safe_d0 = ops.where(d0 > 0.0, d0, 1.0 + 0.0 * d0)

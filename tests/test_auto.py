@@ -169,7 +169,7 @@ def test_traced_loop_reports_what_the_eager_loop_does(gain, k, tol):
     u, d = highway_adjoint(a, local, block, iterations=k, ops=NumpyOps, tol=tol)
     ut, dt = highway_adjoint(a, local, block, iterations=k, ops=TracedNumpyOps, tol=tol)
     np.testing.assert_allclose(ut, u, rtol=1e-12, atol=1e-12)
-    assert bool(dt.diverged) == d.diverged and bool(dt.unconverged) == d.unconverged
+    assert bool(dt.diverged) == d.diverged and bool(dt.unconverged) == d.unconverged and int(dt.used) == d.used
     if not d.diverged:
         assert float(dt.rate) == pytest.approx(d.rate, rel=1e-9, abs=1e-12)
         assert float(dt.remainder) == pytest.approx(d.remainder, rel=1e-9, abs=1e-12)

@@ -30,7 +30,8 @@ from hwbptt.options import Diagnostics, HighwayOptions, effective_iterations
 from .backend_ops import KerasArrayOps, is_traced, match_shape
 from .steps import AnalyticLinearization
 
-__all__ = ["highway_sequence", "auto_options", "auto_controller", "after_backward"]
+__all__ = ["highway_sequence", "auto_options", "auto_controller", "after_backward", "report_diagnostics",
+           "report_vector", "diagnostics_vector", "diagnostics_from"]
 
 
 def _cosine(a: Any, b: Any, traced: bool) -> Any:
@@ -118,9 +119,86 @@ def backward(math: Any, options: HighwayOptions, params: list, x: Any, s0: Any, 
     ds0 = dprev0 if m is None else dprev0 + (1 - m[0]) * u[0]
     if gy is not None:
         ds0 = ds0 + routed[0]
-    if report is not None and not ops_.traced and (options.diagnostics or diag.diverged or diag.unconverged or diag.probe is not None):
+    if report is not None and diag.probe is not None:
         report(diag)
+    else:
+        report_diagnostics(diag, report, bool(options.diagnostics))
     return dx, ds0, dparams
+
+
+# The fields a traced backward hands back (scalar arrays): what the divergence warning and
+# the "auto" controller read. A traced loop records no per-iteration norms.
+_TRACED_FIELDS = ("iterations", "diverged", "growth", "used", "rate", "remainder", "unconverged")
+
+
+def diagnostics_vector(diagnostics: Diagnostics) -> Any:
+    """``diagnostics``' ``_TRACED_FIELDS`` as one float64 vector (NaN for a field not measured),
+    for a compiled function to return."""
+    values = [getattr(diagnostics, f) for f in _TRACED_FIELDS]
+    return ops.stack([ops.cast(float("nan") if v is None else v, "float64") for v in values])
+
+
+def diagnostics_from(vector: Any) -> Diagnostics:
+    """The ``Diagnostics`` of a ``diagnostics_vector`` with concrete values."""
+    v = [float(x) for x in np.asarray(vector, dtype="float64")]
+    field = dict(zip(_TRACED_FIELDS, v))
+    opt = lambda x: None if np.isnan(x) else x  # noqa: E731
+    used = opt(field["used"])
+    return Diagnostics(iterations=int(field["iterations"]) if not np.isnan(field["iterations"]) else 0,
+                       diverged=bool(field["diverged"] == 1.0), growth=opt(field["growth"]),
+                       used=None if used is None else int(used), rate=opt(field["rate"]),
+                       remainder=opt(field["remainder"]), unconverged=bool(field["unconverged"] == 1.0))
+
+
+def report_diagnostics(diagnostics: Diagnostics, report: Callable[[Diagnostics], None] | None, always: bool) -> None:
+    """Hand one backward's diagnostics to ``report`` (the layer's ``last_diagnostics``, the
+    divergence warning, the "auto" controller) when they matter: ``always``
+    (``diagnostics=True``), or the iteration diverged or stayed unconverged.
+
+    Eagerly the call is direct. In a TensorFlow graph (``model.fit``'s ``tf.function``) the
+    fields are scalar tensors: a ``tf.py_function`` reads them when the step runs and
+    reports from there. Under XLA (``jit_compile``) and ``jax.jit`` no host callback runs:
+    those steps report nothing (docs/keras.md)."""
+    if report is None:
+        return
+    fields = [getattr(diagnostics, f) for f in _TRACED_FIELDS]
+    if all(f is None or isinstance(f, (bool, int, float)) for f in fields):  # concrete values
+        if always or diagnostics.diverged or diagnostics.unconverged:
+            report(diagnostics)
+        return
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        _report_from_graph(diagnostics_vector(diagnostics), report, always)
+
+
+def report_vector(vector: Any, report: Callable[[Diagnostics], None] | None, always: bool = False) -> None:
+    """``report_diagnostics`` for the ``diagnostics_vector`` a compiled TensorFlow function
+    returned (``tf_kernels``), eagerly or in a graph."""
+    import tensorflow as tf
+
+    if report is None:
+        return
+    if tf.executing_eagerly():
+        report_diagnostics(diagnostics_from(vector.numpy()), report, always)
+    else:
+        _report_from_graph(vector, report, always)
+
+
+def _report_from_graph(vector: Any, report: Callable[[Diagnostics], None], always: bool) -> None:
+    from .auto_graph import in_xla
+
+    if in_xla():
+        return
+    import tensorflow as tf
+
+    def run(values):
+        d = diagnostics_from(values.numpy())
+        if always or d.diverged or d.unconverged:
+            report(d)
+        return []
+
+    tf.py_function(run, [vector], [], name="highway_report")
 
 
 def _has_residual(math: Any) -> bool:

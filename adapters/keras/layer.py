@@ -278,7 +278,7 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
             x_tm = ops.flip(x_tm, axis=0)
             m_tm = None if m_tm is None else ops.flip(m_tm, axis=0)
 
-        def report(d):  # every eager backward's diagnostics; the probe report and the divergence warning
+        def report(d):  # a backward's diagnostics (eager, or from a graph's py_function): probes, warnings
             object.__setattr__(self, "last_diagnostics", d)
             after_backward(self, d)
 
@@ -302,7 +302,7 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
             out, final = torch_kernels.run(cell, self._params(x.dtype), x_tm, states, options, report)
             return self._finish(out, final)
         if tf_kernels.applies(cell, x_tm, m_tm, gate_masks, options):
-            out, final = tf_kernels.run(cell, self._params(x.dtype), x_tm, states, options, graph_auto)
+            out, final = tf_kernels.run(cell, self._params(x.dtype), x_tm, states, options, graph_auto, report)
             return self._finish(out, final)
 
         math = math_for(options, (in_gates, rec_gates))

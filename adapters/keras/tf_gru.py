@@ -17,9 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 from hwbptt.engine import highway_adjoint
-from hwbptt.options import HighwayOptions
+from hwbptt.options import Diagnostics, HighwayOptions
 
 from . import tf_kernels as tk
+from .gradient import diagnostics_vector, report_vector
 
 __all__ = ["gru_run"]
 
@@ -72,26 +73,23 @@ def _backward(act: str, ract: str, H: int, key: tuple) -> Any:
                 return t - 1, back, out.write(t, w)
 
             _, ds0, out = tf.while_loop(lambda t, *_: t >= 0, body, (steps - 1, tf.zeros_like(h0), out))
-            u = out.stack()
+            u, diag = out.stack(), Diagnostics()
         else:
             k, tol, gamma, _ = key
 
             def block(u):
                 return ops_.shift_next(tk._project(tile3(u) * C_rec, U, transpose_b=True))
 
-            # diverge=False: this compiled route reports no diagnostics, so it keeps the last
-            # iterate as the LSTM route does (the keras.ops path detects divergence).
-            u, _ = highway_adjoint(ops_.shift_next(z), lam, block, iterations=k, ops=ops_, tol=tol, gamma=gamma,
-                                   diverge=False)
+            u, diag = highway_adjoint(ops_.shift_next(z), lam, block, iterations=k, ops=ops_, tol=tol, gamma=gamma)
             ds0 = tf.matmul(tile3(u[0]) * C_rec[0], U, transpose_b=True) + u[0] * z[0]
         u3 = tile3(u)
-        return u3 * C_in, u3 * C_rec, ds0
+        return u3 * C_in, u3 * C_rec, ds0, diagnostics_vector(diag)
 
     return backward
 
 
 def gru_run(cell: Any, params: list, x: Any, states: list, options: HighwayOptions,
-            auto: Any = None) -> tuple[Any, list]:
+            auto: Any = None, report: Any = None) -> tuple[Any, list]:
     import tensorflow as tf
 
     act, ract = tk._act_name(cell.activation), tk._act_name(cell.recurrent_activation)
@@ -111,7 +109,8 @@ def gru_run(cell: Any, params: list, x: Any, states: list, options: HighwayOptio
         hs, gs = forward(*[tf.stop_gradient(t) for t in (xw, U, b[1], h0)])
 
         def grads(o, dhs):
-            d_in, d_rec, ds0 = backward_for(o)(hs, gs, h0, U, dhs)
+            d_in, d_rec, ds0, diag = backward_for(o)(hs, gs, h0, U, dhs)
+            report_vector(diag, report)
             d_in.set_shape(hs.shape[:-1] + [3 * H])
             d_rec.set_shape(hs.shape[:-1] + [3 * H])
             h_prev = tf.concat([h0[None], hs[:-1]], axis=0)

@@ -70,7 +70,7 @@ def applies(cell: Any, x: Any, mask: Any, gate_masks: Any, options: HighwayOptio
     if not _state["enabled"] or keras.backend.backend() != "tensorflow":
         return False
     if mask is not None or gate_masks is not None or options.diagnostics or options.probe is not None:
-        return False  # diagnostics and "auto" probes are reported by the keras.ops path
+        return False  # diagnostics=True (per-iteration norms) and "auto" probes: the keras.ops path
     # An unresolved "auto" (a graph: auto_graph) runs its modes here and its probes on the keras.ops path.
     if str(x.dtype) not in ("float32", "float64", "<dtype: 'float32'>", "<dtype: 'float64'>"):
         return False
@@ -194,12 +194,13 @@ from .tf_lstm import lstm_run  # noqa: E402  (the cells use the helpers above)
 from .tf_gru import gru_run  # noqa: E402
 
 
-def run(cell: Any, params: list, x: Any, states: list, options: HighwayOptions, auto: Any = None) -> tuple[Any, list]:
+def run(cell: Any, params: list, x: Any, states: list, options: HighwayOptions, auto: Any = None,
+        report: Any = None) -> tuple[Any, list]:
     """``(y, final_states)`` for time-major ``x`` (T, B, D) and the initial ``states``:
     ``y`` (T, B, H) the outputs, ``final_states`` the Keras states after the last step.
     ``auto``: an ``auto_graph.GraphAuto`` (``iterations="auto"`` in a graph): each step's
     backward is the compiled adjoint of the planned mode, or the probe (run eagerly on the
     ``keras.ops`` path)."""
     if type(cell) is keras.layers.LSTMCell:
-        return lstm_run(cell, params, x, states, options, auto)
-    return gru_run(cell, params, x, states, options, auto)
+        return lstm_run(cell, params, x, states, options, auto, report)
+    return gru_run(cell, params, x, states, options, auto, report)

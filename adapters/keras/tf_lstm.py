@@ -18,9 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 from hwbptt.engine import highway_adjoint
-from hwbptt.options import HighwayOptions
+from hwbptt.options import Diagnostics, HighwayOptions
 
 from . import tf_kernels as tk
+from .gradient import diagnostics_vector, report_vector
 
 __all__ = ["lstm_run"]
 
@@ -75,7 +76,7 @@ def _backward(act: str, ract: str, H: int, key: tuple) -> Any:
                 return t - 1, tf.matmul(d, U, transpose_b=True), dc * f[t], out.write(t, d)
 
             _, dh0, dc0, out = tf.while_loop(lambda t, *_: t >= 0, body, (steps - 1, tf.zeros_like(h0), tf.zeros_like(c0), out))
-            return out.stack(), dh0, dc0
+            return out.stack(), dh0, dc0, diagnostics_vector(Diagnostics())
 
         k, tol, gamma, split = key
         gates = split == "gates"
@@ -96,30 +97,18 @@ def _backward(act: str, ract: str, H: int, key: tuple) -> Any:
             to_c = tf.zeros_like(to_h) if gates else uh * Bc * f
             return fold(ops_.shift_next(tf.concat([to_h, to_c], axis=-1)))
 
-        if gates and tol is None and gamma == 0.0:
-            # The default: the h part of the adjoint has no residual (K = 0 on h), so the
-            # iteration is λh = ℓh + (δ Uᵀ)_{t+1}, dc = scan(f_{t+1}, ℓc + λh ⊙ Bc): the
-            # engine's iteration with its h half written out (one (B, H) scan, not (B, 2H)).
-            f_next = ops_.shift_next(f)
-            uh = lh
-            dc = ops_.reverse_scan(f_next, lc + uh * Bc)
-            for _ in range(k):
-                uh = lh + ops_.shift_next(tk._project(delta(uh, dc), U, transpose_b=True))
-                dc = ops_.reverse_scan(f_next, lc + uh * Bc)
-        else:
-            residual = ops_.shift_next(tf.concat([tf.zeros_like(f), f], axis=-1))
-            local = fold(tf.concat([lh, lc], axis=-1))
-            u, _ = highway_adjoint(residual, local, block, iterations=k, ops=ops_, tol=tol, gamma=gamma,
-                                   diverge=False)  # as tf_gru: no diagnostics reported here
-            uh, dc = parts(u)
+        residual = ops_.shift_next(tf.concat([tf.zeros_like(f), f], axis=-1))
+        local = fold(tf.concat([lh, lc], axis=-1))
+        u, diag = highway_adjoint(residual, local, block, iterations=k, ops=ops_, tol=tol, gamma=gamma)
+        uh, dc = parts(u)
         d = delta(uh, dc)
-        return d, tf.matmul(d[0], U, transpose_b=True), dc[0] * f[0]
+        return d, tf.matmul(d[0], U, transpose_b=True), dc[0] * f[0], diagnostics_vector(diag)
 
     return backward
 
 
 def lstm_run(cell: Any, params: list, x: Any, states: list, options: HighwayOptions,
-             auto: Any = None) -> tuple[Any, list]:
+             auto: Any = None, report: Any = None) -> tuple[Any, list]:
     import tensorflow as tf
 
     act, ract = tk._act_name(cell.activation), tk._act_name(cell.recurrent_activation)
@@ -140,7 +129,8 @@ def lstm_run(cell: Any, params: list, x: Any, states: list, options: HighwayOpti
         hs, cs, gs = forward(*[tf.stop_gradient(t) for t in (xw, U, h0, c0)])
 
         def grads(o, dhs, dcs):
-            d, dh0, dc0 = backward_for(o)(hs, cs, gs, h0, c0, U, dhs, dcs)
+            d, dh0, dc0, diag = backward_for(o)(hs, cs, gs, h0, c0, U, dhs, dcs)
+            report_vector(diag, report)
             d.set_shape(gs.shape)
             h_prev = tf.concat([h0[None], hs[:-1]], axis=0)
             dx = tk._project(d, W, transpose_b=True)  # pruned by the graph when unused

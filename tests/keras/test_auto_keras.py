@@ -292,3 +292,76 @@ def test_auto_and_xla(monkeypatch):
     model.compile(optimizer="sgd", loss="mse", jit_compile=True)
     assert model.jit_compile is True
     model.fit(x, y, epochs=1, batch_size=B, verbose=0)
+
+
+# ------------------------------------------------ the divergence warning on every route and in graphs
+
+
+def _fixed_fit_model(kind, scale, k, jit_compile="auto", mask=False):
+    keras.utils.set_random_seed(0)
+    inner = getattr(keras.layers, kind)(H, return_sequences=True)
+    layer = HighwayRNN(inner, iterations=k)
+    inp = keras.Input((T, I))
+    out = layer(keras.layers.Masking()(inp) if mask else inp)
+    model = keras.Model(inp, out)
+    kernel = inner.cell.recurrent_kernel
+    kernel.assign(kernel.numpy() * scale)
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse", jit_compile=jit_compile)
+    return model, layer
+
+
+@tf_only
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_tensorflow_route_detects_slow_convergence_and_divergence_eagerly(kind):
+    """The compiled TensorFlow route (on by default for LSTM/GRU) reports what the engine
+    measured: x4 at k=1 is unconverged, x6 at k=3 diverged; its gradient is the keras.ops
+    path's (both keep the best iterate)."""
+    from hwbptt.keras import tf_kernels
+
+    x, y = _data()
+    for scale, k, flag in ((4.0, 1, "unconverged"), (6.0, 3, "diverged")):
+        keras.utils.set_random_seed(0)
+        inner = getattr(keras.layers, kind)(H, return_sequences=True)
+        layer = HighwayRNN(inner, iterations=k)
+        model = keras.Model(inp := keras.Input((T, I)), layer(inp))
+        inner.cell.recurrent_kernel.assign(inner.cell.recurrent_kernel.numpy() * scale)
+        assert tf_kernels.applies(inner.cell, keras.ops.zeros((T, B, I)), None, None, layer.highway_options)
+        with pytest.warns(HighwayDivergenceWarning, match="shrank by only" if flag == "unconverged" else "grew"):
+            g_route = _grad(model, x, y)
+        assert getattr(layer.last_diagnostics, flag) and layer.last_diagnostics.used is not None
+        with tf_kernels.use(False):
+            g_ops = _grad(model, x, y)
+        np.testing.assert_allclose(g_route, g_ops, rtol=2e-4, atol=2e-5)
+
+
+@tf_only
+@pytest.mark.parametrize("kind, mask", [("GRU", False), ("LSTM", False), ("GRU", True)])
+def test_fit_warns_from_the_graph(kind, mask):
+    """model.fit with compile()'s defaults runs a traced train function: the warning comes
+    from the graph (a py_function), on the TensorFlow route and on the keras.ops path (a
+    mask), once per layer; a healthy layer at default init does not warn."""
+    x, y = _data()
+    model, layer = _fixed_fit_model(kind, 4.0, 1, mask=mask)
+    with pytest.warns(HighwayDivergenceWarning, match="shrank by only") as caught:
+        model.fit(x, y, epochs=2, batch_size=B, verbose=0)
+    assert len([w for w in caught if issubclass(w.category, HighwayDivergenceWarning)]) == 1
+    assert layer.last_diagnostics.unconverged and layer.last_diagnostics.remainder > 1.0
+    healthy, _ = _fixed_fit_model(kind, 1.0, 1, mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HighwayDivergenceWarning)
+        healthy.fit(x, y, epochs=2, batch_size=B, verbose=0)
+
+
+@tf_only
+def test_fit_under_xla_trains_without_reports():
+    """Under jit_compile=True no host callback can run: the step trains (the same
+    gradient as without XLA) and reports nothing, as docs/keras.md says."""
+    x, y = _data()
+    model, layer = _fixed_fit_model("GRU", 4.0, 1, jit_compile=True)
+    plain, _ = _fixed_fit_model("GRU", 4.0, 1, jit_compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HighwayDivergenceWarning)
+        model.fit(x, y, epochs=1, batch_size=B, verbose=0)
+        plain.fit(x, y, epochs=1, batch_size=B, verbose=0)
+    assert layer.last_diagnostics is None or not layer.last_diagnostics.unconverged
+    np.testing.assert_allclose(_flat(model.trainable_variables), _flat(plain.trainable_variables), rtol=1e-4, atol=1e-6)
