@@ -132,9 +132,10 @@ def highway_adjoint(
     grows whenever they have norm above 1 without any harm to FPI's defining property
     (exact on the last ``k + 1`` steps), so FPI always returns ``u^k``.
 
-    ``observe(k, u, best)``, if given, is called with ``u^0`` and after every iteration
-    (not on traced arrays); ``best`` says whether ``u^k`` is now the estimate that would be
-    returned. A true return value stops the loop. A block with state between calls (the
+    ``observe(k, u, best)``, if given, is called with ``u^0`` and after every iteration;
+    ``best`` says whether ``u^k`` is now the estimate that would be returned. A true return
+    value stops the loop. On traced arrays it is called after every iteration only, with
+    ``best`` a scalar boolean array, and its return value is not read. A block with state between calls (the
     LSTM ``"gates"`` split) uses it to keep the state that belongs to the best iterate.
     """
     diagnostics = Diagnostics()
@@ -143,7 +144,8 @@ def highway_adjoint(
     diverge = diverge and gamma < 1.0
     u = ops.reverse_scan(a, local)
     if traced:
-        return _traced_loop(ops, a, residual, local, block, u, iterations, tol, gamma, record, diagnostics, diverge)
+        return _traced_loop(ops, a, residual, local, block, u, iterations, tol, gamma, record, diagnostics, diverge,
+                            observe)
     scan_sum = getattr(ops, "reverse_scan_sum", None)
     dist = getattr(ops, "dist", None) or (lambda x, y: ops.norm(x - y))
     diagnostics.used = 0
@@ -194,11 +196,12 @@ def highway_adjoint(
 
 def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u: Any, iterations: int,
                  tol: float | None, gamma: float, record: bool, diagnostics: Diagnostics,
-                 diverge: bool) -> tuple[Any, Diagnostics]:
+                 diverge: bool, observe: Callable | None = None) -> tuple[Any, Diagnostics]:
     """The loop on symbolic arrays (see the ``traced`` note above): every iteration runs;
     the best iterate, the stop by ``tol`` or growth, and the diagnostics are selects.
     ``diagnostics.iterations``, ``update_norms``, ``diverged``, ``growth``, ``used``, and
-    (with ``diverge``) ``rate``, ``remainder`` and ``unconverged`` become scalar arrays; an iteration after the stop counts 0 and records a change of 0."""
+    (with ``diverge``) ``rate``, ``remainder`` and ``unconverged`` become scalar arrays; an
+    iteration after the stop counts 0 and records a change of 0."""
     best, best_d, floor, stopped = u, None, None, None
     last_d, used = None, None  # the update and the index of the iterate kept (scalar arrays)
     diagnostics.used = None  # a scalar array once an iteration ran
@@ -221,6 +224,7 @@ def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u
             diagnostics.diverged = d < 0.0  # a false scalar array
             diagnostics.growth = 0.0 * d
             grew = d < 0.0
+            better = ~grew
         else:
             ratio = d / ops.where(best_d > 1e-30, best_d, 1e-30)
             grew = (d > GROWTH_MARGIN * best_d) & (d > floor)
@@ -234,6 +238,8 @@ def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u
             best = ops.where(better, u_next, best)
             best_d = ops.where(better & (d < best_d), d, best_d)
             last_d, used = ops.where(better, d, last_d), ops.where(better, float(k) + 0.0 * d, used)
+        if observe is not None:
+            observe(k, u_next, better)
         diagnostics.iterations = diagnostics.iterations + (1 if live is None else ops.where(live, 1, 0))
         if change is not None:
             diagnostics.update_norms.append(change if live is None else ops.where(live, change, 0.0 * change))

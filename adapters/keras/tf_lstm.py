@@ -97,10 +97,28 @@ def _backward(act: str, ract: str, H: int, key: tuple) -> Any:
             to_c = tf.zeros_like(to_h) if gates else uh * Bc * f
             return fold(ops_.shift_next(tf.concat([to_h, to_c], axis=-1)))
 
-        residual = ops_.shift_next(tf.concat([tf.zeros_like(f), f], axis=-1))
-        local = fold(tf.concat([lh, lc], axis=-1))
-        u, diag = highway_adjoint(residual, local, block, iterations=k, ops=ops_, tol=tol, gamma=gamma)
-        uh, dc = parts(u)
+        if gates and tol is None and gamma == 0.0:
+            # The default. The h part of the adjoint has no residual (K = 0 on h): the scan variable is dc
+            # alone, λh = ℓh + (δ Uᵀ)_{t+1} is the block's state, dc = scan(f_{t+1}, ℓc + λh ⊙ Bc)
+            # (one (B, H) scan, as lstm_math's "gates" split). observe keeps the λh that
+            # belongs to the iterate the engine keeps.
+            box, kept = [lh], [lh]
+
+            def gates_block(dc):
+                box[0] = lh + ops_.shift_next(tk._project(delta(box[0], dc), U, transpose_b=True))
+                return (box[0] - lh) * Bc
+
+            def observe(_, __, best):
+                kept[0] = tf.where(best, box[0], kept[0])
+
+            dc, diag = highway_adjoint(ops_.shift_next(f), lc + lh * Bc, gates_block, iterations=k, ops=ops_,
+                                       tol=tol, gamma=gamma, observe=observe)
+            uh = kept[0]
+        else:
+            residual = ops_.shift_next(tf.concat([tf.zeros_like(f), f], axis=-1))
+            local = fold(tf.concat([lh, lc], axis=-1))
+            u, diag = highway_adjoint(residual, local, block, iterations=k, ops=ops_, tol=tol, gamma=gamma)
+            uh, dc = parts(u)
         d = delta(uh, dc)
         return d, tf.matmul(d[0], U, transpose_b=True), dc[0] * f[0], diagnostics_vector(diag)
 
