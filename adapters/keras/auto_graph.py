@@ -152,9 +152,9 @@ class GraphAuto:
         return list(out)
 
     def ops_backward(self, options: HighwayOptions, x: Any, s0: Any, seq: Any, mask: Any, upstream: Any,
-                     params: list, gates: tuple = (None, None), report: bool = True) -> tuple[Any, Any, list]:
-        """``gradient.backward`` (the ``keras.ops`` path) for one mode: ``(dx, ds0, dparams)``."""
+                     params: list, gates: tuple = (None, None)) -> tuple[Any, Any, list]:
+        """``gradient.backward`` (the ``keras.ops`` path) for one mode: ``(dx, ds0, dparams)``,
+        reporting to the layer (from the graph, ``gradient.report_diagnostics``)."""
         from .gradient import backward
 
-        return backward(self.math_for(options, gates), options, list(params), x, s0, seq, mask, upstream,
-                        self.report if report else None)
+        return backward(self.math_for(options, gates), options, list(params), x, s0, seq, mask, upstream, self.report)

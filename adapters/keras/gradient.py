@@ -291,7 +291,7 @@ def _auto_backward(auto: Any, math: Any, params: list, x: Any, s0: Any, seq: Any
     gates = (getattr(math, "in_gates", None), getattr(math, "rec_gates", None))
 
     def fixed(o: HighwayOptions) -> list:
-        dx, ds0, dparams = auto.ops_backward(o, x, s0, seq, mask, upstream, params, gates, report=False)
+        dx, ds0, dparams = auto.ops_backward(o, x, s0, seq, mask, upstream, params, gates)
         return [dx, ds0, *dparams]
 
     def probe(o: HighwayOptions, x, s0, seq, mask, upstream, in_gates, rec_gates, *params) -> list:

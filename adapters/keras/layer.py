@@ -80,8 +80,9 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
       ``highway_auto.history``). In eager execution, and in a TensorFlow graph
       (``model.fit`` with the default ``compile()``: ``auto_graph``, without XLA, where
       ``jit_compile=True`` is a ``ValueError``); not under ``jax.jit``. Non-training calls
-      are exact. A fixed ``k`` whose updates grow warns once
-      (``hwbptt.HighwayDivergenceWarning``) in eager execution.
+      are exact. A fixed ``k`` whose updates grow, or shrink far too slowly, warns once
+      (``hwbptt.HighwayDivergenceWarning``), eagerly and from a TensorFlow graph (not
+      under XLA or ``jax.jit``: docs/keras.md).
     - ``residual`` (user cells only): ``"identity"``, ``None``/``"none"`` (FPI) or a
       callable ``(x_t, states_prev, states_new) -> multipliers`` giving ``diag K_t``.
 

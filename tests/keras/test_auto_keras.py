@@ -373,3 +373,26 @@ def test_fit_under_xla_trains_without_reports():
         plain.fit(x, y, epochs=1, batch_size=B, verbose=0)
     assert layer.last_diagnostics is None or not layer.last_diagnostics.unconverged
     np.testing.assert_allclose(_flat(model.trainable_variables), _flat(plain.trainable_variables), rtol=1e-4, atol=1e-6)
+
+
+@tf_only
+@pytest.mark.parametrize("route", ["tf", "ops"])
+def test_fit_auto_probes_again_when_the_regime_changes_between_probes(route):
+    """In the graph, a chosen k that diverges or stays unconverged after the recurrent
+    kernel is scaled up reports it (py_function), and the next step probes (not the
+    scheduled one, 100 steps later)."""
+    from hwbptt.keras import tf_kernels
+
+    model, layer, inner = _auto_fit_model("GRU", probe_every=100)
+    layer.highway_auto.timing = _cheap
+    x, y = _data(steps=TG)
+    with tf_kernels.use(route == "tf"):
+        model.fit(x, y, epochs=2, batch_size=B, shuffle=False, verbose=0)  # step 0 probes, step 1 runs the choice
+        assert isinstance(layer.highway_auto.choice, int)
+        kernel = inner.cell.recurrent_kernel
+        kernel.assign(kernel.numpy() * 8.0)
+        model.fit(x, y, epochs=2, batch_size=B, shuffle=False, verbose=0)  # step 2 goes wrong, step 3 probes
+    history = layer.highway_auto.history
+    events = [e for e in history if "event" in e]
+    assert events and events[0]["step"] == 2 and events[0]["event"] in ("diverged", "unconverged")
+    assert [e["step"] for e in history if "choice" in e] == [0, 3]
