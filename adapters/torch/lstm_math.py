@@ -123,6 +123,10 @@ class LSTMTape:
         """``R_t(wh_t)``: the gradient that ``h_t`` sends to ``c_t``."""
         return self.to_m(wh) * self.readout_gain
 
+    def local_c(self, lc: torch.Tensor, lh: torch.Tensor) -> torch.Tensor:
+        """``ℓc + R(ℓh)``: the local gradient of the "gates" split's scan variable ``dc``."""
+        return lc + self.readout(lh)
+
     def dpre(self, dc: torch.Tensor, wh: torch.Tensor) -> torch.Tensor:
         """Gradient on the gate pre-activations, (T, B, 4H)."""
         i, f, g, o = self.i, self.f, self.g, self.o
@@ -188,7 +192,7 @@ class LSTMTape:
                 return observe is not None and observe(i, lambda: (u, wh_box[0]), best)
 
             dc, diag = highway_adjoint(
-                self.f_next, lc + self.readout(lh), block,
+                self.f_next, self.local_c(lc, lh), block,
                 iterations=k, ops=TORCH_OPS, tol=options.tol, gamma=options.gamma, record=record, observe=watch,
             )
             return dc, kept[0], diag
@@ -333,6 +337,10 @@ class FastLSTMTape(LSTMTape):
     @property
     def c_prev(self) -> torch.Tensor:
         return torch.cat([self.c0.unsqueeze(0), self.c[:-1]])
+
+    def local_c(self, lc: torch.Tensor, lh: torch.Tensor) -> torch.Tensor:
+        """``ℓc + R(ℓh)`` in one pass into a reused buffer (a fresh tensor pays its page faults)."""
+        return torch.addcmul(lc, self.to_m(lh), self.readout_gain, out=workspace.empty(lc.shape, lc))
 
     def dpre(self, dc: torch.Tensor, wh: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return fused.lstm_dpre(dc, self.to_m(wh), self.gates, self.c, self.c0, self.tanh_c, out=out)
