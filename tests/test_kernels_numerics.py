@@ -65,6 +65,49 @@ def test_lstm_gates_match_eager(H, dtype):
         assert_near(got, ref, dtype)
 
 
+def _kernel_tanh(x):
+    """tanh of ``x`` (float32/64, 1-D, length a multiple of 256) by the compiled kernels'
+    tanh: the GRU gate pass with ``gh = -0`` writes ``n = tanh(gi_n + r·(-0)) = tanh(gi_n)``
+    (``-0`` keeps ``gi_n = -0`` negative, which ``+0`` would not)."""
+    H = 256
+    gi = torch.zeros(1, x.numel() // H, 3 * H, dtype=x.dtype)
+    gi[..., 2 * H:] = x.view(1, -1, H)
+    native.ops().gru_gates_(gi, torch.full_like(gi, -0.0))
+    return gi[..., 2 * H:].reshape(-1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tanh_within_1_5_ulp_over_every_magnitude(dtype):
+    """Against float64 (float32; the kernels' own Cephes-form tanh) or torch's tanh (float64:
+    Sleef's, the function the kernels call there): every magnitude from the subnormals to
+    past saturation, both signs, the branch point 0.625 and its neighbours, ±0, ±Inf, NaN."""
+    import numpy as np
+
+    ftype = np.float32 if dtype == torch.float32 else np.float64
+    tiny = 1e-45 if dtype == torch.float32 else 5e-324
+    mags = np.concatenate([np.logspace(np.log10(tiny), np.log10(30), 2_000_000), np.linspace(0, 10, 1_000_000),
+                           [0.625, np.nextafter(ftype(0.625), ftype(0)), np.nextafter(ftype(0.625), ftype(1)),
+                            9.0, 9.01, 19.1, 44.0, 89.0, 1e30]]).astype(ftype)
+    vals = np.concatenate([mags, -mags])
+    vals = np.concatenate([vals, np.zeros((-len(vals)) % 256, ftype)])
+    got = _kernel_tanh(torch.from_numpy(vals)).numpy()
+    if dtype == torch.float32:
+        want = np.tanh(vals.astype(np.float64))
+        ulps = np.abs(got.astype(np.float64) - want) / np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+        assert ulps.max() <= 1.5, (ulps.max(), vals[ulps.argmax()])
+    else:
+        want = torch.tanh(torch.from_numpy(vals)).numpy()
+        ulps = np.abs(got - want) / np.spacing(np.abs(want))
+        assert ulps.max() <= 2.0, (ulps.max(), vals[ulps.argmax()])
+    assert np.array_equal(np.signbit(got), np.signbit(vals))  # -0 -> -0, odd everywhere
+    assert np.all(np.abs(got) <= 1.0)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0] + [0.0] * 251, dtype=dtype)
+    out = _kernel_tanh(special)[:5]
+    assert torch.isnan(out[0]) and out[1] == 1.0 and out[2] == -1.0
+    assert out[3] == 0.0 and not torch.signbit(out[3]) and out[4] == 0.0 and torch.signbit(out[4])
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("H", WIDTHS)
