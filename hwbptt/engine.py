@@ -90,16 +90,21 @@ GROWTH_MARGIN = 1.25
 REMAINDER_LIMIT = 1.0
 
 
-def remainder_estimate(d0: float, dk: float, k: int, norm_k: float) -> tuple[float, float]:
+def _scalar_where(cond: Any, x: Any, y: Any) -> Any:
+    return x if cond else y
+
+
+def remainder_estimate(d0: Any, dk: Any, k: Any, norm_k: Any, where: Callable = _scalar_where) -> tuple[Any, Any]:
     """``(ρ, remainder)`` for the updates ``d_0 = ||u^0||`` and ``d_k`` after ``k >= 1``
-    shrinking iterations and ``norm_k = ||u^k||`` (see ``REMAINDER_LIMIT``); the remainder
-    is infinite when ``ρ >= 1``."""
-    if d0 <= 0.0 or dk <= 0.0:
-        return 0.0, 0.0
-    rho = (dk / d0) ** (1.0 / k)
-    if rho >= 1.0:
-        return rho, float("inf")
-    return rho, dk * rho / (1.0 - rho) / max(norm_k, 1e-300)
+    shrinking iterations and ``norm_k = ||u^k||`` (see ``REMAINDER_LIMIT``): ``(0, 0)``
+    when an update is 0, an infinite remainder when ``ρ >= 1``. Python floats, or scalar
+    arrays with their ``where`` (a traced loop: no branch reads a value)."""
+    zero = 0.0 * d0  # 0 in the arrays' type
+    moved = (d0 > 0.0) & (dk > 0.0)
+    rho = where(moved, dk / where(d0 > 0.0, d0, 1.0 + zero), zero) ** (1.0 / k)
+    slow = rho >= 1.0
+    rest = dk * rho / where(slow, 1.0 + zero, 1.0 - rho) / where(norm_k > 0.0, norm_k, 1.0 + zero)
+    return rho, where(slow, float("inf") + zero, rest)
 
 
 def highway_adjoint(
@@ -250,15 +255,6 @@ def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u
     if used is not None:
         diagnostics.used = used
     if diverge and last_d is not None:
-        # remainder_estimate on scalar arrays (no branch on a value); only read where not diverged
-        safe_d0 = ops.where(d0 > 0.0, d0, 1.0 + 0.0 * d0)
-        ratio = ops.where((d0 > 0.0) & (last_d > 0.0), last_d / safe_d0, 0.0 * d0)
-        rate = ratio ** (1.0 / used)
-        slow = rate >= 1.0
-        gap = ops.where(slow, 1.0 + 0.0 * rate, 1.0 - rate)
-        norm_best = ops.norm(best)
-        rest = last_d * rate / gap / ops.where(norm_best > 1e-30, norm_best, 1e-30 + 0.0 * norm_best)
-        diagnostics.rate = rate
-        diagnostics.remainder = ops.where(slow, float("inf") + 0.0 * rest, rest)
+        diagnostics.rate, diagnostics.remainder = remainder_estimate(d0, last_d, used, ops.norm(best), ops.where)
         diagnostics.unconverged = ~diagnostics.diverged & (diagnostics.remainder > REMAINDER_LIMIT)
     return best, diagnostics

@@ -144,7 +144,7 @@ def diagnostics_from(vector: Any) -> Diagnostics:
     field = dict(zip(_TRACED_FIELDS, v))
     opt = lambda x: None if np.isnan(x) else x  # noqa: E731
     used = opt(field["used"])
-    return Diagnostics(iterations=int(field["iterations"]) if not np.isnan(field["iterations"]) else 0,
+    return Diagnostics(iterations=int(field["iterations"]),
                        diverged=bool(field["diverged"] == 1.0), growth=opt(field["growth"]),
                        used=None if used is None else int(used), rate=opt(field["rate"]),
                        remainder=opt(field["remainder"]), unconverged=bool(field["unconverged"] == 1.0))

@@ -24,8 +24,9 @@ compares them), except where the iteration diverges: both keep their best iterat
 LSTM's default ``"gates"`` iteration here judges it by the cell-state adjoint's updates
 (as the torch layers do) where the ``keras.ops`` path takes both halves of the adjoint. The
 engine's diagnostics come back from the compiled adjoint and are reported as on the other
-paths (``gradient.report_vector``: the divergence warning, the "auto" controller); ``use(False)`` switches this route off, ``levers(...)`` the compiled
-pieces (the bench times each).
+paths (``gradient.report_vector``: the divergence warning, the "auto" controller).
+``use(False)`` switches this route off, ``levers(...)`` the compiled pieces (the bench
+times each).
 """
 
 from __future__ import annotations
