@@ -84,9 +84,10 @@ GROWTH_MARGIN = 1.25
 # fraction of ``||u^k||`` it is ``Diagnostics.remainder``. Above ``REMAINDER_LIMIT`` the
 # estimated rest is larger than the estimate itself: ``k`` is far too small for this
 # regime (``ρ`` near 1, the edge of divergence) and the gradient may point anywhere.
-# Measured on a char LM (docs/results.md, section 4): a GRU at ρ ≈ 0.8 had cosines to BPTT
-# near 0.02 at k = 1 and 3 with remainders of 0.3-11 (median 0.8-2.3); a healthy LSTM
-# stayed at 0.18 or below at k = 1 (cosine 0.97) and 0.42 or below at k = 3 and 10.
+# Measured on a char LM (docs/results.md, section 4, "remainder"): a GRU whose cosines to
+# BPTT were near 0.02 at k = 1, 3 and 10 had median remainders of 4.3, 1.6 and 0.19, each
+# run past 1 at some step; a healthy LSTM stayed at 0.61 or below at every k (cosine 0.97
+# at k = 1).
 REMAINDER_LIMIT = 1.0
 
 

@@ -46,47 +46,59 @@ def _valid_loss(model, corpus, B, seed, batches=4):
         return sum(float(_loss(model, *corpus.batch(B, g, "valid"))) for _ in range(batches)) / batches
 
 
-def _train(base, corpus, mode, cfg, seed, progress, label):
-    from tqdm.auto import tqdm
-
+def _train(base, corpus, mode, cfg, seed, label):
+    """One method's training, a step per ``next()``; returns its record. ``_task`` runs the
+    methods' steps in turn (interleaved), so that the machine's slow spells fall on every
+    method alike instead of on whichever ran through them."""
     model = copy.deepcopy(base)
     set_highway(model, iterations=mode, probe_every=cfg["probe_every"])
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     g = torch.Generator().manual_seed(seed + 1)
     probe_batch = corpus.batch(cfg["batch"], torch.Generator().manual_seed(seed + 20_000))
     rec = {"label": label, "k": mode, "wall": [], "step_s": [], "probe_step": [], "eval_steps": [], "eval_wall": [],
-           "valid": [], "cos_steps": [], "cosine": [], "warned": False, "choices": []}
+           "valid": [], "cos_steps": [], "cosine": [], "warned": False, "choices": [], "remainders": []}
     elapsed = 0.0
     rnn = model.rnn
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", HighwayDivergenceWarning)
-        for step in tqdm(range(cfg["steps"]), desc=label, disable=not progress, leave=False):
-            if step % cfg["eval_every"] == 0:
-                rec["eval_steps"].append(step), rec["eval_wall"].append(elapsed)
-                rec["valid"].append(_valid_loss(model, corpus, cfg["batch"], seed + 30_000))
-            if mode is not None and step % cfg["cos_every"] == 0:
-                saved = rnn.iterations
-                if mode == "auto":  # the mode auto uses now, without counting a training step
-                    rnn.iterations = rnn.highway_auto.choice if rnn.highway_auto.chosen else None
-                rec["cos_steps"].append(step)
-                rec["cosine"].append(grad_cosine(model, lambda m: _loss(m, *probe_batch)))
-                rnn.iterations = saved
-            x, y = corpus.batch(cfg["batch"], g)
-            probing = mode == "auto" and (not rnn.highway_auto.chosen or step % cfg["probe_every"] == 0)
-            t0 = time.perf_counter()
-            loss = _loss(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
-            opt.step()
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            rec["wall"].append(elapsed), rec["step_s"].append(dt), rec["probe_step"].append(probing)
-            if not math.isfinite(float(loss)):
-                break
+
+    def _step(step: int) -> bool:
+        nonlocal elapsed
+        if step % cfg["eval_every"] == 0:
+            rec["eval_steps"].append(step), rec["eval_wall"].append(elapsed)
+            rec["valid"].append(_valid_loss(model, corpus, cfg["batch"], seed + 30_000))
+        if mode is not None and step % cfg["cos_every"] == 0:
+            saved = rnn.iterations
+            if mode == "auto":  # the mode auto uses now, without counting a training step
+                rnn.iterations = rnn.highway_auto.choice if rnn.highway_auto.chosen else None
+            rec["cos_steps"].append(step)
+            rec["cosine"].append(grad_cosine(model, lambda m: _loss(m, *probe_batch)))
+            rnn.iterations = saved
+        x, y = corpus.batch(cfg["batch"], g)
+        probing = mode == "auto" and (not rnn.highway_auto.chosen or step % cfg["probe_every"] == 0)
+        t0 = time.perf_counter()
+        loss = _loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
+        opt.step()
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        rec["wall"].append(elapsed), rec["step_s"].append(dt), rec["probe_step"].append(probing)
+        if isinstance(mode, int):  # the engine's estimate of how far this step's k stopped from exact
+            rests = [d.remainder for d in rnn.last_diagnostics.values() if d.remainder is not None]
+            if rests:
+                rec["remainders"].append(max(rests))
+        return math.isfinite(float(loss))
+
+    for step in range(cfg["steps"]):
+        with warnings.catch_warnings(record=True) as caught:  # this step's warnings (a run warns once)
+            warnings.simplefilter("always", HighwayDivergenceWarning)
+            finite = _step(step)
+        rec["warned"] |= any(issubclass(w.category, HighwayDivergenceWarning) for w in caught)
+        if not finite:
+            break
+        yield
     rec["eval_steps"].append(cfg["steps"]), rec["eval_wall"].append(elapsed)
     rec["valid"].append(_valid_loss(model, corpus, cfg["batch"], seed + 30_000))
-    rec["warned"] = any(issubclass(w.category, HighwayDivergenceWarning) for w in caught)
     rec["final_valid"] = rec["valid"][-1]
     rec["total_s"] = elapsed
     if mode == "auto":
@@ -99,12 +111,36 @@ def _train(base, corpus, mode, cfg, seed, progress, label):
     return rec
 
 
+def _interleaved(runs: list, steps: int, desc: str, progress: bool) -> list[dict]:
+    """Step every generator of ``_train`` in turn until each returns its record."""
+    from tqdm.auto import tqdm
+
+    records: list = [None] * len(runs)
+    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+        while any(r is None for r in records):
+            for i, run in enumerate(runs):
+                if records[i] is None:
+                    try:
+                        next(run)
+                    except StopIteration as done:
+                        records[i] = done.value
+            bar.update(1)
+    return records
+
+
+def _remainders(run) -> str:
+    """``Diagnostics.remainder`` over a fixed-k run's steps (the largest over directions at each step)."""
+    r = run.get("remainders")
+    return f"{statistics.median(r):.2g} / {max(r):.2g}" if r else "-"
+
+
 def _task(name, cell, scale, corpus, cfg, seed, progress):
     torch.manual_seed(seed)
     base = CharModel(corpus.vocab, cfg["hidden"], cell=cell, iterations=None)
     with torch.no_grad():
         base.rnn.weight_hh_l0.mul_(scale)
-    runs = [_train(base, corpus, mode, cfg, seed, progress, f"{name}: {label}") for label, mode in METHODS]
+    runs = _interleaved([_train(base, corpus, mode, cfg, seed, f"{name}: {label}") for label, mode in METHODS],
+                        cfg["steps"], name, progress)
     return {"name": name, "cell": cell, "recurrent_scale": scale, "runs": runs}
 
 
@@ -116,7 +152,7 @@ def auto_experiment(cfg: dict, args, figures: str, progress: bool) -> dict:
         _task("convergent", "lstm", 1.0, corpus, cfg, args.seed, progress),
     ]
     header = ["task", "method", "final validation loss", "vs BPTT", "training time (s)", "min grad cosine",
-              "divergence warning", "auto's choices (step: k)", "probe overhead"]
+              "divergence warning", "remainder (median / max)", "auto's choices (step: k)", "probe overhead"]
     rows = []
     for task in tasks:
         bptt = task["runs"][0]
@@ -125,7 +161,7 @@ def auto_experiment(cfg: dict, args, figures: str, progress: bool) -> dict:
             rows.append([
                 task["name"], r["label"].split(": ")[1], f"{r['final_valid']:.4f}",
                 f"{100 * (r['final_valid'] / bptt['final_valid'] - 1):+.2f}%", f"{r['total_s']:.1f}",
-                f"{min(r['cosine']):.3f}" if r["cosine"] else "-", "yes" if r["warned"] else "no", choices,
+                f"{min(r['cosine']):.3f}" if r["cosine"] else "-", "yes" if r["warned"] else "no", _remainders(r), choices,
                 f"{100 * r['probe_overhead']:.1f}%" if "probe_overhead" in r else "-",
             ])
         plot_curves(

@@ -508,7 +508,7 @@ class HighwayRNN(CheckFiniteMixin, nn.Module, HighwayOptionsMixin):
     ``probe_every`` steps the exact adjoint, by BPTT through the loop, and the ladder's
     cosines and times are measured, and the fastest mode whose cosine reaches ``fidelity``
     is used until the next probe; ``highway_auto.history`` records the choices). A fixed
-    ``k`` whose updates grow warns once (``hwbptt.HighwayDivergenceWarning``). ``split``
+    ``k`` whose updates grow, or shrink far too slowly (``unconverged``), warns once (``hwbptt.HighwayDivergenceWarning``). ``split``
     (an LSTM-layer option) is not used here.
 
     ``check_finite`` (bool, default ``False``; a validated attribute): raise

@@ -406,8 +406,9 @@ class HighwayLSTM(_HighwayRNNBase, nn.LSTM):
 
     ``last_diagnostics`` maps ``(layer, direction)`` to ``hwbptt.Diagnostics`` after a
     backward pass (with ``diagnostics`` set; ``diverged``/``growth`` always, a probe's
-    measurements in ``probe``). A fixed ``k`` whose updates grow (a diverging path sum)
-    warns once per layer and direction (``hwbptt.HighwayDivergenceWarning``).
+    measurements in ``probe``). A fixed ``k`` whose updates grow (a diverging path sum), or
+    shrink so slowly that the estimated rest outweighs the estimate (``unconverged``), warns
+    once per layer and direction (``hwbptt.HighwayDivergenceWarning``).
     """
 
     def __init__(self, *args, iterations=3, tol=None, gamma=0.0, split="gates", diagnostics=False, check_finite=False,
