@@ -18,9 +18,13 @@ previous choice stands (the first time, the Highway ``k``), so timing jitter doe
 flip the mode from probe to probe. Choosing exact is a documented outcome, recorded in
 ``history`` (on a CPU the compiled sequential adjoint can beat ``k`` batched iterations).
 
-The probe pass stops at the first rung that is faithful (larger ``k`` only cost more) or
-at the first iteration whose update grew (``hwbptt.engine``: a diverging path sum; the
-estimates of larger ``k`` would be the kept, earlier one).
+The probe pass stops at the first rung that is faithful (larger ``k`` only cost more), at
+the first iteration whose update grew (``hwbptt.engine``: a diverging path sum; the
+estimates of larger ``k`` would be the kept, earlier one), or once the iterations so far
+took longer than the exact adjoint by more than the noise band (``costlier_than_exact``:
+every larger ``k`` costs at least that much, so exact, faithful by definition, would be
+chosen over it). The last one bounds a probe at about twice the exact backward where no
+small ``k`` is faithful (the divergent regime), instead of running the whole ladder.
 
 A Highway backward between probes that diverges, or converges far too slowly
 (``Diagnostics.unconverged``), asks for a probe at the next step: the regime changed.
@@ -37,11 +41,20 @@ from typing import Any, Callable, Hashable
 
 from .options import Diagnostics, HighwayOptions, check_fidelity, check_probe_every
 
-__all__ = ["AutoController", "LADDER", "ladder_for", "EXACT"]
+__all__ = ["AutoController", "LADDER", "NOISE", "ladder_for", "costlier_than_exact", "EXACT"]
 
 LADDER = (0, 1, 2, 3, 5, 10, 20)
+NOISE = 0.1  # relative timing difference below which the previous choice stands
 EXACT = None  # the exact mode in ``choice`` and ``history`` (as ``iterations=None``)
 _UNSET = object()
+
+
+def costlier_than_exact(seconds: float, exact_seconds: float, noise: float = NOISE) -> bool:
+    """Whether ``k`` iterations that took ``seconds`` lose to the exact adjoint
+    (``exact_seconds``) by more than the noise band: ``exact_seconds < (1 - noise) seconds``,
+    the rule of ``AutoController.decide``. The iterations' cost grows with ``k``, so once
+    it holds for some ``k`` it holds for every larger one, and a probe can stop there."""
+    return exact_seconds < (1.0 - noise) * seconds
 
 
 def ladder_for(steps: int, ladder: tuple[int, ...] = LADDER) -> tuple[int, ...]:
@@ -60,9 +73,9 @@ class AutoController:
     ``plan`` from all the probe reports of the previous step.
 
     ``history`` is a list of dicts, one per probe: ``step``, ``cosines`` (``{k: cos}``,
-    the minimum over the directions), ``seconds`` (``{k: s}``, summed over the
-    directions), ``exact_seconds``, ``choice`` (an int ``k``, or ``None`` for exact) and
-    ``reason``; a divergence between probes adds ``{"step", "event": "diverged",
+    the minimum over the directions; the rungs the probe pass reached), ``seconds``
+    (``{k: s}``, summed over the directions), ``exact_seconds``, ``choice`` (an int
+    ``k``, or ``None`` for exact) and ``reason``; a divergence between probes adds ``{"step", "event": "diverged",
     "growth"}``, a far too slow convergence ``{"step", "event": "unconverged",
     "remainder"}``.
 
@@ -71,7 +84,7 @@ class AutoController:
     """
 
     def __init__(self, fidelity: float = 0.99, probe_every: int = 50, ladder: tuple[int, ...] = LADDER,
-                 noise: float = 0.1, timing: Callable[[dict], tuple[dict, float]] | None = None):
+                 noise: float = NOISE, timing: Callable[[dict], tuple[dict, float]] | None = None):
         self.fidelity = check_fidelity(fidelity)
         self.probe_every = check_probe_every(probe_every)
         if not ladder or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in ladder):
@@ -108,7 +121,9 @@ class AutoController:
         due = not self.chosen or self._reprobe or self.step % self.probe_every == 0
         if due:
             rungs = ladder_for(steps, self.ladder)
-            planned = dataclasses.replace(options, iterations=max(rungs), tol=None, probe=rungs)
+            planned = dataclasses.replace(options, iterations=max(rungs), tol=None, probe=rungs,
+                                          # measured times decide, and a stop by NOISE's band is one by this band
+                                          probe_stops_on_cost=self.timing is None and self.noise <= NOISE)
             self._probe_step, self._reprobe = self.step, False
         else:
             planned = dataclasses.replace(options, iterations=self.choice, probe=None)
@@ -150,11 +165,14 @@ class AutoController:
         previous = self.choice
         if not faithful:
             choice = EXACT
-            reason = f"no k of the ladder reached cosine {self.fidelity} (best {max(cosines.values()):.4f})"
+            best = f"best {max(cosines.values()):.4f}" if cosines else "no rung measured"
+            reason = f"no k of the ladder reached cosine {self.fidelity} ({best})"
+            if any(p.get("stopped") == "cost" for p in probes):
+                reason += "; the pass stopped where the iterations cost more than exact"
         else:
             k = faithful[0]
             t_k = seconds[k]
-            if exact_s < (1.0 - self.noise) * t_k:
+            if costlier_than_exact(t_k, exact_s, self.noise):
                 choice, reason = EXACT, f"exact ({exact_s:.4g} s) is faster than k={k} ({t_k:.4g} s)"
             elif t_k < (1.0 - self.noise) * exact_s:
                 choice, reason = k, f"k={k} ({t_k:.4g} s) is faster than exact ({exact_s:.4g} s)"

@@ -187,6 +187,9 @@ class HighwayOptions:
     # the exact adjoint and measures the cosine and time of the estimates ``k = 0 .. max(probe)``
     # (``hwbptt.auto``); ``iterations`` then holds ``max(probe)``.
     probe: tuple[int, ...] | None = None
+    # Whether the probe pass may stop once its iterations cost more than the exact adjoint
+    # (``hwbptt.auto.costlier_than_exact``); off where a cost model replaces the measured times.
+    probe_stops_on_cost: bool = True
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -297,8 +300,11 @@ class Diagnostics:
                       rest outweighs the estimate, the iteration converges far too slowly
                       for this ``k``. Warned as divergence is.
     ``probe``         (a probe of ``iterations="auto"``) ``{"cosines": {k: cos}, "seconds":
-                      {k: s}, "exact_seconds": s}``: the cosine to the exact adjoint of the
-                      estimate a fixed ``k`` would return, and the time to compute it.
+                      {k: s}, "exact_seconds": s, "stopped": why}``: the cosine to the exact
+                      adjoint of the estimate a fixed ``k`` would return, and the time to
+                      compute it, for the rungs the pass reached; ``stopped`` is
+                      ``"faithful"``, ``"diverged"``, ``"cost"`` (the iterations took longer
+                      than exact) or None (the ladder ran out).
     """
 
     iterations: int = 0

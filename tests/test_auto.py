@@ -208,6 +208,78 @@ def test_controller_choice_rules():
     assert fresh.decide({0: _probe({0: 0.999}, {0: 1.0}, 0.97)})["choice"] == 0
 
 
+def test_costlier_than_exact_is_the_rule_decide_applies():
+    from hwbptt.auto import NOISE, costlier_than_exact
+
+    assert costlier_than_exact(2.0, 1.0) and not costlier_than_exact(1.0, 1.0)
+    assert not costlier_than_exact(1.0 / (1 - NOISE) * 0.999, 1.0) and costlier_than_exact(1.0 / (1 - NOISE) * 1.001, 1.0)
+    # the pass's stop and the decision agree: a k that stops the pass loses to exact
+    ctl = AutoController(noise=NOISE)
+    assert ctl.decide({0: _probe({0: 0.999}, {0: 1.12}, 1.0)})["choice"] is None
+
+
+def test_controller_probe_stops_on_cost_only_on_measured_times():
+    from hwbptt import HighwayOptions
+
+    opts = HighwayOptions(iterations="auto")
+    assert AutoController().plan(opts, steps=8).probe_stops_on_cost
+    modelled = AutoController(timing=cheap_highway)
+    assert not modelled.plan(opts, steps=8).probe_stops_on_cost  # the model's times, not this machine's
+    assert not AutoController(noise=0.3).plan(opts, steps=8).probe_stops_on_cost  # a wider band than the stop's
+    assert AutoController(noise=0.05).plan(opts, steps=8).probe_stops_on_cost
+
+
+def _fake_pass(per_iteration_s, cosines):
+    """``iterate(observe)`` of a fake engine: sleeps per iteration, returns the iterations run."""
+    import time
+
+    ran = []
+
+    def iterate(observe):
+        for k, c in enumerate(cosines):
+            time.sleep(per_iteration_s)
+            ran.append(k)
+            if observe(k, lambda c=c: torch.tensor([c, (1 - c * c) ** 0.5], dtype=torch.float64), True):
+                break
+    return iterate, ran
+
+
+@pytest.mark.parametrize("stops_on_cost", [True, False])
+def test_probe_pass_stops_once_iterations_cost_more_than_exact(stops_on_cost):
+    from hwbptt import HighwayOptions
+    from hwbptt.torch.auto import probe_adjoint
+
+    ref = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    iterate, ran = _fake_pass(0.02, [0.1, 0.2, 0.3, 0.4, 0.5])  # never faithful, each iteration >> exact
+    opts = HighwayOptions(iterations=4, probe=(0, 1, 2, 3, 4), probe_stops_on_cost=stops_on_cost)
+    got, probe = probe_adjoint(lambda: ref, iterate, lambda w: w, opts, ref)
+    assert got is ref
+    if stops_on_cost:
+        assert ran == [0] and probe["stopped"] == "cost" and set(probe["cosines"]) == {0}
+    else:
+        assert ran == [0, 1, 2, 3, 4] and probe["stopped"] is None and set(probe["cosines"]) == {0, 1, 2, 3, 4}
+    assert probe["cosines"][0] == pytest.approx(0.1)
+
+
+def test_probe_pass_stops_at_a_faithful_rung_before_its_cost_does():
+    import time
+
+    from hwbptt import HighwayOptions
+    from hwbptt.torch.auto import probe_adjoint
+
+    ref = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    iterate, ran = _fake_pass(0.0, [0.5, 0.9, 0.995, 0.999])
+    opts = HighwayOptions(iterations=3, probe=(0, 1, 2, 3))
+    _, probe = probe_adjoint(lambda: (time.sleep(0.05), ref)[1], iterate, lambda w: w, opts, ref)
+    assert ran == [0, 1, 2] and probe["stopped"] == "faithful" and set(probe["cosines"]) == {0, 1, 2}
+
+
+def test_decide_says_when_the_pass_stopped_on_cost():
+    ctl = AutoController()
+    e = ctl.decide({0: dict(_probe({0: 0.3, 1: 0.4}, {0: 1.0, 1: 2.0}, 1.5), stopped="cost")})
+    assert e["choice"] is None and "cost more than exact" in e["reason"]
+
+
 def test_controller_probe_schedule():
     from hwbptt import HighwayOptions
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 from keras import ops
 
+from hwbptt.auto import costlier_than_exact
 from hwbptt.engine import highway_adjoint
 from hwbptt.options import Diagnostics, HighwayOptions, effective_iterations
 
@@ -224,24 +225,34 @@ def _probe(iterate: Callable, exact: Callable, options: HighwayOptions, traced: 
     ref = ops.convert_to_numpy(ref)  # also waits for the device
     exact_s = time.perf_counter() - t
     rungs, cosines, seconds, clock = set(options.probe), {}, {}, {"start": 0.0, "off": 0.0}
+    stopped: list[str] = []
+    r = ref.astype("float64").ravel()
 
     def observe(k: int, u: Any, best: bool) -> bool:
         est = ops.convert_to_numpy(u) if best and k in rungs else None
         now = time.perf_counter()
         if not best:
+            stopped.append("diverged")
             return True
-        if est is None:
-            return False
-        seconds[k] = now - clock["start"] - clock["off"]
-        e, r = est.astype("float64").ravel(), ref.astype("float64").ravel()
-        den = float(np.linalg.norm(e) * np.linalg.norm(r))
-        cosines[k] = float(e @ r) / den if den > 0 else float(np.array_equal(e, r))
-        clock["off"] += time.perf_counter() - now
-        return cosines[k] >= options.fidelity
+        spent = now - clock["start"] - clock["off"]
+        if est is not None:
+            seconds[k] = spent
+            e = est.astype("float64").ravel()
+            den = float(np.linalg.norm(e) * np.linalg.norm(r))
+            cosines[k] = float(e @ r) / den if den > 0 else float(np.array_equal(e, r))
+            clock["off"] += time.perf_counter() - now
+            if cosines[k] >= options.fidelity:
+                stopped.append("faithful")
+                return True
+        if options.probe_stops_on_cost and costlier_than_exact(spent, exact_s):
+            stopped.append("cost")
+            return True
+        return False
 
     clock["start"] = time.perf_counter()
     _, diag = iterate(observe)
-    diag.probe = {"cosines": cosines, "seconds": seconds, "exact_seconds": exact_s}
+    diag.probe = {"cosines": cosines, "seconds": seconds, "exact_seconds": exact_s,
+                  "stopped": stopped[0] if stopped else None}
     return ops.convert_to_tensor(ref), diag
 
 

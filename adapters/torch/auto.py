@@ -23,7 +23,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-from hwbptt.auto import AutoController
+from hwbptt.auto import AutoController, costlier_than_exact
 from hwbptt.options import Diagnostics, HighwayOptions, divergence_warning
 
 __all__ = ["plan", "after_backward", "Sink", "probe_adjoint", "controller"]
@@ -117,19 +117,27 @@ def probe_adjoint(
     cosines: dict[int, float] = {}
     seconds: dict[int, float] = {}
     clock = {"start": 0.0, "off": 0.0}
+    stopped: list[str] = []
 
     def observe(k: int, current: Callable[[], Any], best: bool) -> bool:
         _sync(like)
         now = time.perf_counter()
         if not best:  # diverged: larger k would return the kept, earlier estimate
+            stopped.append("diverged")
             return True
-        if k not in rungs:
-            return False
-        seconds[k] = now - clock["start"] - clock["off"]
-        cosines[k] = _cosine(flatten(current()), ref_flat)
-        clock["off"] += time.perf_counter() - now
-        return cosines[k] >= options.fidelity
+        spent = now - clock["start"] - clock["off"]
+        if k in rungs:
+            seconds[k] = spent
+            cosines[k] = _cosine(flatten(current()), ref_flat)
+            clock["off"] += time.perf_counter() - now
+            if cosines[k] >= options.fidelity:
+                stopped.append("faithful")
+                return True
+        if options.probe_stops_on_cost and costlier_than_exact(spent, exact_s):
+            stopped.append("cost")
+            return True
+        return False
 
     clock["start"] = time.perf_counter()
     iterate(observe)
-    return ref, {"cosines": cosines, "seconds": seconds, "exact_seconds": exact_s}
+    return ref, {"cosines": cosines, "seconds": seconds, "exact_seconds": exact_s, "stopped": stopped[0] if stopped else None}

@@ -121,13 +121,14 @@ def option_args(options: HighwayOptions | None) -> tuple[int, float | None, floa
         return (-1, None, 0.0, "gates", "off", [])
     iterations = -1 if options.iterations is None else int(options.iterations)
     tol = None if options.tol is None else float(options.tol)
-    probe = [] if options.probe is None else [int(k) for k in options.probe]
+    probe = [] if options.probe is None else [int(options.probe_stops_on_cost), *(int(k) for k in options.probe)]
     return (iterations, tol, float(options.gamma), options.split, _DIAGNOSTICS[options.diagnostics], probe)
 
 
 def _options(iterations: int, tol: float | None, gamma: float, split: str, diagnostics: str, probe: list[int]) -> HighwayOptions:
     return HighwayOptions(iterations=None if iterations < 0 else iterations, tol=tol, gamma=gamma, split=split,
-                          diagnostics=_DIAGNOSTICS_BACK[diagnostics], probe=tuple(probe) if probe else None)
+                          diagnostics=_DIAGNOSTICS_BACK[diagnostics], probe=tuple(probe[1:]) if probe else None,
+                          probe_stops_on_cost=bool(probe[0]) if probe else True)
 
 
 # ----------------------------------------------------------------------------- autocast

@@ -396,3 +396,34 @@ def test_fit_auto_probes_again_when_the_regime_changes_between_probes(route):
     events = [e for e in history if "event" in e]
     assert events and events[0]["step"] == 2 and events[0]["event"] in ("diverged", "unconverged")
     assert [e["step"] for e in history if "choice" in e] == [0, 3]
+
+
+@pytest.mark.parametrize("stops_on_cost", [True, False])
+def test_keras_probe_pass_stops_once_iterations_cost_more_than_exact(stops_on_cost):
+    """The probe pass (``gradient._probe``) on a fake iteration whose every step takes far
+    longer than the exact adjoint: it stops after the first rung, unless a cost model
+    replaces the measured times (``probe_stops_on_cost=False``)."""
+    import time
+
+    from hwbptt import Diagnostics, HighwayOptions
+    from hwbptt.keras import gradient
+
+    ref = np.array([1.0, 0.0], dtype="float32")
+    ran = []
+
+    def iterate(observe):
+        for k, c in enumerate([0.1, 0.2, 0.3, 0.4]):
+            time.sleep(0.02)
+            ran.append(k)
+            if observe(k, keras.ops.convert_to_tensor(np.array([c, (1 - c * c) ** 0.5], "float32")), True):
+                break
+        return None, Diagnostics(iterations=len(ran))
+
+    opts = HighwayOptions(iterations=3, probe=(0, 1, 2, 3), probe_stops_on_cost=stops_on_cost)
+    got, diag = gradient._probe(iterate, lambda: keras.ops.convert_to_tensor(ref), opts, traced=False)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), ref)
+    if stops_on_cost:
+        assert ran == [0] and diag.probe["stopped"] == "cost" and set(diag.probe["cosines"]) == {0}
+    else:
+        assert ran == [0, 1, 2, 3] and diag.probe["stopped"] is None
+    assert diag.probe["cosines"][0] == pytest.approx(0.1, abs=1e-6)
