@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import statistics
 import time
 import warnings
@@ -112,13 +113,18 @@ def _train(base, corpus, mode, cfg, seed, label):
 
 
 def _interleaved(runs: list, steps: int, desc: str, progress: bool) -> list[dict]:
-    """Step every generator of ``_train`` in turn until each returns its record."""
+    """Step every generator of ``_train`` in turn until each returns its record, in a new
+    (seeded) order each round, so that every method follows every other about equally
+    often: a method's place in the round cannot favour or penalise it."""
     from tqdm.auto import tqdm
 
     records: list = [None] * len(runs)
+    order, shuffle = list(range(len(runs))), random.Random(0).shuffle
     with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
         while any(r is None for r in records):
-            for i, run in enumerate(runs):
+            shuffle(order)
+            for i in order:
+                run = runs[i]
                 if records[i] is None:
                     try:
                         next(run)
