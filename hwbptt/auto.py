@@ -159,7 +159,9 @@ class AutoController:
             probes = [dict(p, **dict(zip(("seconds", "exact_seconds"), self.timing(p)))) for p in probes]
         common = set.intersection(*(set(p["cosines"]) for p in probes))
         cosines = {k: min(p["cosines"][k] for p in probes) for k in sorted(common)}
-        seconds = {k: sum(p["seconds"][k] for p in probes) for k in sorted(common)}
+        # A rung may carry a cosine without a time (a probe re-timed on another route keeps
+        # times for the rungs the choice compares only: up to the first faithful one).
+        seconds = {k: sum(p["seconds"][k] for p in probes) for k in sorted(common) if all(k in p["seconds"] for p in probes)}
         exact_s = sum(p["exact_seconds"] for p in probes)
         faithful = [k for k, c in cosines.items() if c >= self.fidelity]
         previous = self.choice

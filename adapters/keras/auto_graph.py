@@ -152,9 +152,63 @@ class GraphAuto:
         return list(out)
 
     def ops_backward(self, options: HighwayOptions, x: Any, s0: Any, seq: Any, mask: Any, upstream: Any,
-                     params: list, gates: tuple = (None, None)) -> tuple[Any, Any, list]:
+                     params: list, gates: tuple = (None, None),
+                     route: Callable[[HighwayOptions], Any] | None = None) -> tuple[Any, Any, list]:
         """``gradient.backward`` (the ``keras.ops`` path) for one mode: ``(dx, ds0, dparams)``,
-        reporting to the layer (from the graph, ``gradient.report_diagnostics``)."""
-        from .gradient import backward
+        reporting to the layer (from the graph, ``gradient.report_diagnostics``).
 
-        return backward(self.math_for(options, gates), options, list(params), x, s0, seq, mask, upstream, self.report)
+        ``route(options)``, given for a probe on the TensorFlow route, runs that route's
+        compiled adjoint for a mode on this step's tensors: the probe's cosines come from
+        the ``keras.ops`` pass, its times from ``route`` (``retime``), since the compiled
+        adjoint is what runs between probes."""
+        from .gradient import auto_controller, backward
+
+        report = self.report
+        if route is not None and options.probe is not None:
+            options = dataclasses.replace(options, probe_stops_on_cost=False)  # the pass's times are not the route's
+
+            def report(diag: Any) -> None:
+                ctl = auto_controller(self.layer)
+                if diag.probe is not None and ctl.timing is None:  # a cost model replaces the times anyway
+                    retime(diag.probe, route, {m.iterations: m for m in self.modes}, ctl.fidelity)
+                self.report(diag)
+
+        return backward(self.math_for(options, gates), options, list(params), x, s0, seq, mask, upstream, report)
+
+
+_WARM: set = set()  # ids of the compiled adjoints (cached tf.function objects) run once: traced, compiled
+
+
+def retime(probe: dict, route: Callable[[HighwayOptions], tuple], modes: dict, fidelity: float) -> None:
+    """Replace a probe's times (``Diagnostics.probe``, measured on the ``keras.ops`` path)
+    by those of the compiled adjoint for the modes the decision compares: exact, and each
+    rung up to the first faithful one (``hwbptt.auto``: the only Highway candidate), as
+    ``modes`` (``{iterations: options}``, what the graph runs between probes) holds them; the
+    rungs above it, and every rung where none is faithful, keep their cosine and lose
+    their time. ``route(mode)`` is ``(compiled function, its arguments)``. Each function
+    runs once untimed the first time (its trace and XLA compilation), then once timed;
+    ``probe["timed"]`` says so."""
+    import time
+
+    def seconds(mode: HighwayOptions) -> float:
+        fn, args = route(mode)
+        if id(fn) not in _WARM:
+            _block(fn(*args))
+            _WARM.add(id(fn))
+        t = time.perf_counter()
+        _block(fn(*args))
+        return time.perf_counter() - t
+
+    rungs = sorted(probe["cosines"])
+    first = next((k for k in rungs if probe["cosines"][k] >= fidelity), None)
+    timed = [] if first is None else [k for k in rungs if k <= first]
+    probe["seconds"] = {k: seconds(modes[k]) for k in timed}
+    probe["exact_seconds"] = seconds(modes[None])
+    probe["timed"] = "compiled TensorFlow route"
+
+
+def _block(outputs: Any) -> None:
+    """Wait for the values (``numpy()`` of each tensor)."""
+    for t in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+        if t is not None and hasattr(t, "numpy"):
+            t.numpy()

@@ -119,16 +119,20 @@ def gru_run(cell: Any, params: list, x: Any, states: list, options: HighwayOptio
             db = tf.stack([tf.reduce_sum(d_in, axis=(0, 1)), tf.reduce_sum(d_rec, axis=(0, 1))])
             return dx, tk._weight_grad(x, d_in), tk._weight_grad(h_prev, d_rec), db, ds0
 
-        def probe(o, x, W, U, b, h0, hs, dhs):
-            # The keras.ops path's probe on this route's states (auto_graph), eagerly.
-            dx, ds0, dparams = auto.ops_backward(o, x, h0, hs, None, dhs, [W, U, b][: len(params)])
+        def probe(o, x, W, U, b, h0, hs, gs, dhs):
+            # The keras.ops path's probe on this route's states (auto_graph), eagerly; its
+            # times are this route's compiled adjoints'.
+            def route(mode):
+                return backward_for(mode), (hs, gs, h0, U, dhs)
+
+            dx, ds0, dparams = auto.ops_backward(o, x, h0, hs, None, dhs, [W, U, b][: len(params)], route=route)
             return dx, dparams[0], dparams[1], dparams[2] if cell.use_bias else tf.zeros_like(b), ds0
 
         def grad(dhs):
             dhs = tf.zeros_like(hs) if dhs is None else tf.reshape(dhs, tf.shape(hs))
             if auto is None:
                 return grads(options, dhs)
-            return tuple(auto.gradient(lambda o: grads(o, dhs), probe, [x, W, U, b, h0, hs, dhs], [x, W, U, b, h0]))
+            return tuple(auto.gradient(lambda o: grads(o, dhs), probe, [x, W, U, b, h0, hs, gs, dhs], [x, W, U, b, h0]))
 
         return hs, grad
 

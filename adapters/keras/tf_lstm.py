@@ -156,10 +156,14 @@ def lstm_run(cell: Any, params: list, x: Any, states: list, options: HighwayOpti
             dx = tk._project(d, W, transpose_b=True)  # pruned by the graph when unused
             return dx, tk._weight_grad(x, d), tk._weight_grad(h_prev, d), tf.reduce_sum(d, axis=(0, 1)), dh0, dc0
 
-        def probe(o, x, W, U, b, h0, c0, hs, cs, dhs, dcs):
-            # The keras.ops path's probe on this route's states (auto_graph), eagerly.
+        def probe(o, x, W, U, b, h0, c0, hs, cs, gs, dhs, dcs):
+            # The keras.ops path's probe on this route's states (auto_graph), eagerly; its
+            # times are this route's compiled adjoints'.
+            def route(mode):
+                return backward_for(mode), (hs, cs, gs, h0, c0, U, dhs, dcs)
+
             dx, ds0, dparams = auto.ops_backward(o, x, tf.concat([h0, c0], -1), tf.concat([hs, cs], -1), None,
-                                                 tf.concat([dhs, dcs], -1), [W, U, b][: len(params)])
+                                                 tf.concat([dhs, dcs], -1), [W, U, b][: len(params)], route=route)
             db = dparams[2] if cell.use_bias else tf.zeros_like(b)
             return dx, dparams[0], dparams[1], db, ds0[:, :H], ds0[:, H:]
 
@@ -169,7 +173,7 @@ def lstm_run(cell: Any, params: list, x: Any, states: list, options: HighwayOpti
             if auto is None:
                 return grads(options, dhs, dcs)
             return tuple(auto.gradient(lambda o: grads(o, dhs, dcs), probe,
-                                       [x, W, U, b, h0, c0, hs, cs, dhs, dcs], [x, W, U, b, h0, c0]))
+                                       [x, W, U, b, h0, c0, hs, cs, gs, dhs, dcs], [x, W, U, b, h0, c0]))
 
         return (hs, cs), grad
 

@@ -413,17 +413,77 @@ def test_keras_probe_pass_stops_once_iterations_cost_more_than_exact(stops_on_co
 
     def iterate(observe):
         for k, c in enumerate([0.1, 0.2, 0.3, 0.4]):
-            time.sleep(0.02)
+            time.sleep(0.05)
             ran.append(k)
             if observe(k, keras.ops.convert_to_tensor(np.array([c, (1 - c * c) ** 0.5], "float32")), True):
                 break
         return None, Diagnostics(iterations=len(ran))
 
     opts = HighwayOptions(iterations=3, probe=(0, 1, 2, 3), probe_stops_on_cost=stops_on_cost)
-    got, diag = gradient._probe(iterate, lambda: keras.ops.convert_to_tensor(ref), opts, traced=False)
+    exact = keras.ops.convert_to_tensor(ref)
+    keras.ops.convert_to_numpy(exact)  # the backend's first-use costs off the exact adjoint's clock
+    got, diag = gradient._probe(iterate, lambda: exact, opts, traced=False)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), ref)
     if stops_on_cost:
         assert ran == [0] and diag.probe["stopped"] == "cost" and set(diag.probe["cosines"]) == {0}
     else:
         assert ran == [0, 1, 2, 3] and diag.probe["stopped"] is None
     assert diag.probe["cosines"][0] == pytest.approx(0.1, abs=1e-6)
+
+
+def test_retime_times_exact_and_the_rungs_up_to_the_first_faithful():
+    """``auto_graph.retime`` on fake compiled adjoints: the times are theirs (each run once
+    untimed the first time), only for exact and the rungs up to the first faithful one;
+    every cosine stays."""
+    import time
+
+    from hwbptt import HighwayOptions
+    from hwbptt.keras import auto_graph
+
+    calls = {}
+
+    def fake(delay, name):
+        def fn(*args):
+            calls[name] = calls.get(name, 0) + 1
+            time.sleep(delay)
+            return [keras.ops.convert_to_tensor(np.zeros(2, "float32"))]
+        return fn
+
+    fns = {k: fake(0.01 * (k + 1), k) for k in (0, 1, 2)} | {None: fake(0.05, "exact")}
+    modes = {k: HighwayOptions(iterations=k) for k in (0, 1, 2, None)}
+    route = lambda mode: (fns[mode.iterations], ())  # noqa: E731
+    probe = {"cosines": {0: 0.5, 1: 0.995, 2: 0.999}, "seconds": {0: 9.0, 1: 9.0, 2: 9.0}, "exact_seconds": 9.0}
+    auto_graph.retime(probe, route, modes, fidelity=0.99)
+    assert set(probe["seconds"]) == {0, 1} and set(probe["cosines"]) == {0, 1, 2}
+    assert 0.02 <= probe["seconds"][1] < 9.0 and 0.05 <= probe["exact_seconds"] < 9.0
+    assert calls == {0: 2, 1: 2, "exact": 2} and probe["timed"] == "compiled TensorFlow route"
+    none = {"cosines": {0: 0.5, 1: 0.6}, "seconds": {0: 9.0, 1: 9.0}, "exact_seconds": 9.0}
+    auto_graph.retime(none, route, modes, fidelity=0.99)
+    assert none["seconds"] == {} and calls["exact"] == 3  # warm now: one timed run
+    assert _choice_of(none) is None
+
+
+def _choice_of(probe):
+    from hwbptt import AutoController
+
+    return AutoController().decide({0: probe})["choice"]
+
+
+@tf_only
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_fit_auto_probe_times_the_compiled_route(kind):
+    """On the TensorFlow route a probe's cosines come from the keras.ops pass, its times
+    from the route's compiled adjoints (what runs between probes)."""
+    from hwbptt.keras import tf_kernels
+
+    model, layer, _ = _auto_fit_model(kind, probe_every=5)
+    x, y = _data(steps=TG)
+    with tf_kernels.use(True):
+        _fit_step(model, x, y)
+    probe = layer.last_diagnostics.probe
+    assert probe["timed"] == "compiled TensorFlow route"
+    first = min(k for k, c in probe["cosines"].items() if c >= 0.99)
+    assert set(probe["seconds"]) == {k for k in probe["cosines"] if k <= first}
+    assert all(s > 0 for s in probe["seconds"].values()) and probe["exact_seconds"] > 0
+    entry = layer.highway_auto.history[0]
+    assert entry["choice"] in (first, None) and entry["seconds"] == probe["seconds"]
