@@ -37,11 +37,12 @@ needs a gradient and ``report`` from every backward.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Hashable
 
 from .options import Diagnostics, HighwayOptions, check_fidelity, check_probe_every
 
-__all__ = ["AutoController", "LADDER", "NOISE", "ladder_for", "costlier_than_exact", "EXACT"]
+__all__ = ["AutoController", "ProbePass", "LADDER", "NOISE", "ladder_for", "costlier_than_exact", "EXACT"]
 
 LADDER = (0, 1, 2, 3, 5, 10, 20)
 NOISE = 0.1  # relative timing difference below which the previous choice stands
@@ -61,6 +62,51 @@ def ladder_for(steps: int, ladder: tuple[int, ...] = LADDER) -> tuple[int, ...]:
     """The rungs below ``steps``: ``k >= T`` is the exact adjoint, a candidate of its own."""
     rungs = tuple(k for k in ladder if k < steps)
     return rungs or (0,)
+
+
+class ProbePass:
+    """The clock and the stops of one probe pass, for the adapters' ``observe`` callbacks.
+
+    ``ProbePass(options, exact_seconds)`` after the exact adjoint was timed; ``start()``
+    right before the iteration; ``observe(k, best, cosine)`` after each iteration (the
+    adapter has waited for the device), ``cosine()`` computing the estimate's cosine to
+    the exact adjoint off the clock, called for the rungs only. Returns whether the pass
+    stops: a diverging update (``best`` false), a faithful rung, or iterations that cost
+    more than exact (``costlier_than_exact``, where ``options.probe_stops_on_cost``).
+    ``result()`` is ``Diagnostics.probe``."""
+
+    def __init__(self, options: HighwayOptions, exact_seconds: float):
+        self.options, self.exact_seconds = options, float(exact_seconds)
+        self.rungs = frozenset(options.probe or ())
+        self.cosines: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}
+        self.stopped: str | None = None
+        self._start, self._off = 0.0, 0.0
+
+    def start(self) -> None:
+        self._start, self._off = time.perf_counter(), 0.0
+
+    def observe(self, k: int, best: bool, cosine: Callable[[], float]) -> bool:
+        now = time.perf_counter()
+        if not best:  # diverged: larger k would return the kept, earlier estimate
+            self.stopped = "diverged"
+            return True
+        spent = now - self._start - self._off
+        if k in self.rungs:
+            self.seconds[k] = spent
+            self.cosines[k] = float(cosine())
+            self._off += time.perf_counter() - now
+            if self.cosines[k] >= self.options.fidelity:
+                self.stopped = "faithful"
+                return True
+        if self.options.probe_stops_on_cost and costlier_than_exact(spent, self.exact_seconds):
+            self.stopped = "cost"
+            return True
+        return False
+
+    def result(self) -> dict:
+        return {"cosines": dict(self.cosines), "seconds": dict(self.seconds), "exact_seconds": self.exact_seconds,
+                "stopped": self.stopped}
 
 
 class AutoController:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 from keras import ops
 
-from hwbptt.auto import costlier_than_exact
+from hwbptt.auto import ProbePass
 from hwbptt.engine import highway_adjoint
 from hwbptt.options import Diagnostics, HighwayOptions, effective_iterations
 
@@ -223,36 +223,21 @@ def _probe(iterate: Callable, exact: Callable, options: HighwayOptions, traced: 
     t = time.perf_counter()
     ref = exact()
     ref = ops.convert_to_numpy(ref)  # also waits for the device
-    exact_s = time.perf_counter() - t
-    rungs, cosines, seconds, clock = set(options.probe), {}, {}, {"start": 0.0, "off": 0.0}
-    stopped: list[str] = []
+    clock = ProbePass(options, time.perf_counter() - t)
     r = ref.astype("float64").ravel()
 
-    def observe(k: int, u: Any, best: bool) -> bool:
-        est = ops.convert_to_numpy(u) if best and k in rungs else None
-        now = time.perf_counter()
-        if not best:
-            stopped.append("diverged")
-            return True
-        spent = now - clock["start"] - clock["off"]
-        if est is not None:
-            seconds[k] = spent
-            e = est.astype("float64").ravel()
-            den = float(np.linalg.norm(e) * np.linalg.norm(r))
-            cosines[k] = float(e @ r) / den if den > 0 else float(np.array_equal(e, r))
-            clock["off"] += time.perf_counter() - now
-            if cosines[k] >= options.fidelity:
-                stopped.append("faithful")
-                return True
-        if options.probe_stops_on_cost and costlier_than_exact(spent, exact_s):
-            stopped.append("cost")
-            return True
-        return False
+    def cosine(est: Any) -> float:
+        e = est.astype("float64").ravel()
+        den = float(np.linalg.norm(e) * np.linalg.norm(r))
+        return float(e @ r) / den if den > 0 else float(np.array_equal(e, r))
 
-    clock["start"] = time.perf_counter()
+    def observe(k: int, u: Any, best: bool) -> bool:
+        est = ops.convert_to_numpy(u) if best and k in clock.rungs else None  # also waits for the device
+        return clock.observe(k, best, lambda: cosine(est))
+
+    clock.start()
     _, diag = iterate(observe)
-    diag.probe = {"cosines": cosines, "seconds": seconds, "exact_seconds": exact_s,
-                  "stopped": stopped[0] if stopped else None}
+    diag.probe = clock.result()
     return ops.convert_to_tensor(ref), diag
 
 

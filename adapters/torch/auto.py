@@ -23,7 +23,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-from hwbptt.auto import AutoController, costlier_than_exact
+from hwbptt.auto import AutoController, ProbePass
 from hwbptt.options import Diagnostics, HighwayOptions, divergence_warning
 
 __all__ = ["plan", "after_backward", "Sink", "probe_adjoint", "controller"]
@@ -106,38 +106,18 @@ def probe_adjoint(
     runs the Highway iteration with ``observe(k, current, best)`` called after each
     iteration (``current()`` gives the estimate in the exact adjoint's form);
     ``flatten`` turns either into one tensor for the cosine. The rungs' times count only
-    the iteration (cosines are off the clock)."""
+    the iteration (cosines are off the clock); where the pass stops: ``hwbptt.auto.ProbePass``."""
     _sync(like)
     t = time.perf_counter()
     ref = exact()
     _sync(like)
-    exact_s = time.perf_counter() - t
+    clock = ProbePass(options, time.perf_counter() - t)
     ref_flat = flatten(ref)
-    rungs = set(options.probe or ())
-    cosines: dict[int, float] = {}
-    seconds: dict[int, float] = {}
-    clock = {"start": 0.0, "off": 0.0}
-    stopped: list[str] = []
 
     def observe(k: int, current: Callable[[], Any], best: bool) -> bool:
         _sync(like)
-        now = time.perf_counter()
-        if not best:  # diverged: larger k would return the kept, earlier estimate
-            stopped.append("diverged")
-            return True
-        spent = now - clock["start"] - clock["off"]
-        if k in rungs:
-            seconds[k] = spent
-            cosines[k] = _cosine(flatten(current()), ref_flat)
-            clock["off"] += time.perf_counter() - now
-            if cosines[k] >= options.fidelity:
-                stopped.append("faithful")
-                return True
-        if options.probe_stops_on_cost and costlier_than_exact(spent, exact_s):
-            stopped.append("cost")
-            return True
-        return False
+        return clock.observe(k, best, lambda: _cosine(flatten(current()), ref_flat))
 
-    clock["start"] = time.perf_counter()
+    clock.start()
     iterate(observe)
-    return ref, {"cosines": cosines, "seconds": seconds, "exact_seconds": exact_s, "stopped": stopped[0] if stopped else None}
+    return ref, clock.result()
