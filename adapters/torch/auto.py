@@ -106,7 +106,9 @@ def probe_adjoint(
     runs the Highway iteration with ``observe(k, current, best)`` called after each
     iteration (``current()`` gives the estimate in the exact adjoint's form);
     ``flatten`` turns either into one tensor for the cosine. The rungs' times count only
-    the iteration (cosines are off the clock); where the pass stops: ``hwbptt.auto.ProbePass``."""
+    the iteration (cosines are off the clock); where the pass stops: ``hwbptt.auto.ProbePass``.
+    Where exact mode runs the parent's kernel the operator re-times the result
+    (``hwbptt.torch.exact_cost``)."""
     _sync(like)
     t = time.perf_counter()
     ref = exact()
