@@ -11,6 +11,9 @@ free. Until the next probe the layer uses the fastest faithful mode:
     faithful = {k : min over the layer's directions of cos(ŵ^k, w*) >= fidelity} ∪ {exact}
     choice   = argmin over faithful of the measured time
 
+(each direction's pass stops at its own first faithful rung; one that stopped below a ``k``
+another direction needs counts as faithful there, its time extrapolated: ``_carried``).
+
 Because the cost of ``k`` iterations grows with ``k``, the only Highway candidate is the
 smallest faithful ``k``; it is compared with the exact adjoint's measured time. Exact
 wins only when it is faster by more than ``noise`` (relative): within the noise band the
@@ -18,7 +21,8 @@ previous choice stands (the first time, the Highway ``k``), so timing jitter doe
 flip the mode from probe to probe. Choosing exact is a documented outcome, recorded in
 ``history`` (on a CPU the compiled sequential adjoint can beat ``k`` batched iterations).
 
-The probe pass stops at the first rung that is faithful (larger ``k`` only cost more), at
+The probe pass stops at the first rung that is faithful (larger ``k`` only cost more; two
+rungs are measured at least, so that the iterations' cost per ``k`` is known), at
 the first iteration whose update grew (``hwbptt.engine``: a diverging path sum; the
 estimates of larger ``k`` would be the kept, earlier one), or once the iterations so far
 took longer than the exact adjoint by more than the noise band (``costlier_than_exact``:
@@ -96,7 +100,8 @@ class ProbePass:
             self.seconds[k] = spent
             self.cosines[k] = float(cosine())
             self._off += time.perf_counter() - now
-            if self.cosines[k] >= self.options.fidelity:
+            # a faithful stop after two rungs at least: their times give _carried its slope
+            if self.cosines[k] >= self.options.fidelity and (len(self.cosines) >= 2 or len(self.rungs) == 1):
                 self.stopped = "faithful"
                 return True
         if self.options.probe_stops_on_cost and costlier_than_exact(spent, self.exact_seconds):
@@ -107,6 +112,29 @@ class ProbePass:
     def result(self) -> dict:
         return {"cosines": dict(self.cosines), "seconds": dict(self.seconds), "exact_seconds": self.exact_seconds,
                 "stopped": self.stopped}
+
+
+def _carried(probe: dict, rungs: list[int]) -> tuple[dict, dict]:
+    """A direction's ``(cosines, seconds)`` over ``rungs`` (every direction's). A direction
+    whose pass stopped at a faithful rung ``r`` did not run the larger ``k`` another
+    direction needed; it is taken as faithful there too, with its cosine at ``r`` (the
+    iteration converges there: its updates did not grow) and a time extrapolated from its
+    last two timed rungs, ``t(k) = t(r) + (k - r) slope`` (``pass_seconds``, the pass's own
+    times, where the probe was re-timed; slope 0, a lower bound, where fewer than two were
+    timed). Other directions' rungs are as measured."""
+    cos, sec = dict(probe["cosines"]), dict(probe["seconds"])
+    if probe.get("stopped") != "faithful" or not cos:
+        return cos, sec
+    r = max(cos)
+    timed = probe.get("pass_seconds", sec)
+    pts = sorted(k for k in timed if k <= r)[-2:]
+    slope = max(0.0, (timed[pts[1]] - timed[pts[0]]) / (pts[1] - pts[0])) if len(pts) == 2 else 0.0
+    for k in rungs:
+        if k > r:
+            cos[k] = cos[r]
+            if r in sec:
+                sec[k] = sec[r] + (k - r) * slope
+    return cos, sec
 
 
 class AutoController:
@@ -202,12 +230,16 @@ class AutoController:
         A function of ``results``, ``fidelity``, ``noise`` and the previous choice only."""
         probes = [results[key] for key in sorted(results, key=repr)]
         if self.timing is not None:
-            probes = [dict(p, **dict(zip(("seconds", "exact_seconds"), self.timing(p)))) for p in probes]
-        common = set.intersection(*(set(p["cosines"]) for p in probes))
-        cosines = {k: min(p["cosines"][k] for p in probes) for k in sorted(common)}
+            # the model's times replace every measured one, the pass's own included
+            probes = [{**{k: v for k, v in p.items() if k != "pass_seconds"},
+                       **dict(zip(("seconds", "exact_seconds"), self.timing(p)))} for p in probes]
+        rungs = sorted(set().union(*(p["cosines"] for p in probes)))
+        filled = [_carried(p, rungs) for p in probes]
+        common = set.intersection(*(set(cos) for cos, _ in filled))
+        cosines = {k: min(cos[k] for cos, _ in filled) for k in sorted(common)}
         # A rung may carry a cosine without a time (a probe re-timed on another route keeps
-        # times for the rungs the choice compares only: up to the first faithful one).
-        seconds = {k: sum(p["seconds"][k] for p in probes) for k in sorted(common) if all(k in p["seconds"] for p in probes)}
+        # the times of the rungs the choice compares only).
+        seconds = {k: sum(sec[k] for _, sec in filled) for k in sorted(common) if all(k in sec for _, sec in filled)}
         exact_s = sum(p["exact_seconds"] for p in probes)
         faithful = [k for k, c in cosines.items() if c >= self.fidelity]
         previous = self.choice

@@ -311,6 +311,49 @@ def test_decide_says_when_the_pass_stopped_on_cost():
     assert e["choice"] is None and "cost more than exact" in e["reason"]
 
 
+def test_decide_carries_a_direction_that_stopped_faithful_to_the_larger_k_another_needs():
+    """Layer 1 stopped at its faithful k=1; layer 0 needs k=2. k=2 is faithful for both,
+    layer 1's time there extrapolated from its last two rungs (1 s per iteration)."""
+    ctl = AutoController(fidelity=0.99)
+    first = dict(_probe({0: 0.98, 1: 0.999}, {0: 1.0, 1: 2.0}, 50.0), stopped="faithful")
+    second = dict(_probe({0: 0.9, 1: 0.97, 2: 0.995}, {0: 1.0, 1: 2.0, 2: 3.0}, 50.0), stopped="faithful")
+    e = ctl.decide({(1, 0): first, (0, 0): second})
+    assert e["choice"] == 2 and e["seconds"][2] == pytest.approx(3.0 + 3.0) and e["cosines"][2] == pytest.approx(0.995)
+    # a direction that stopped for another reason is not carried: k=2 was never measured there
+    stopped_on_cost = dict(first, stopped="cost")
+    e = AutoController(fidelity=0.99).decide({(1, 0): stopped_on_cost, (0, 0): second})
+    assert e["choice"] is None and 2 not in e["cosines"]
+    # where the pass's own times are kept beside re-timed ones, the slope is theirs
+    retimed = dict(first, seconds={1: 10.0}, pass_seconds={0: 1.0, 1: 1.5})
+    e = AutoController(fidelity=0.99).decide({(1, 0): retimed, (0, 0): second})
+    assert e["seconds"][2] == pytest.approx(10.5 + 3.0)
+
+
+def test_probe_pass_measures_two_rungs_before_a_faithful_stop():
+    from hwbptt import HighwayOptions
+    from hwbptt.torch.auto import probe_adjoint
+
+    ref = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    iterate, ran = _fake_pass(0.0, [0.999, 0.9995, 0.9999])
+    _, probe = probe_adjoint(lambda: ref, iterate, lambda w: w, HighwayOptions(iterations=2, probe=(0, 1, 2), probe_stops_on_cost=False), ref)
+    assert ran == [0, 1] and probe["stopped"] == "faithful" and set(probe["seconds"]) == {0, 1}
+
+
+def test_two_layers_needing_different_k_choose_the_larger():
+    """Recurrent weights x2: layer 0 needs k=2, layer 1 k=1. auto takes k=2 (a cost model
+    where Highway is cheap), which is faithful for the whole model against BPTT."""
+    m = make(HighwayLSTM, 2.0, seed=3, iterations="auto", probe_every=100, num_layers=2)
+    m.highway_auto.timing = cheap_highway
+    x, target = data(seed=0)
+    grads(m, x, target)
+    needed = {key: min(k for k, c in d.probe["cosines"].items() if c >= 0.99) for key, d in m.last_diagnostics.items()}
+    assert len(set(needed.values())) == 2  # the layers differ
+    choice = m.highway_auto.history[0]["choice"]
+    assert choice == max(needed.values())
+    fixed = make(HighwayLSTM, 2.0, seed=3, iterations=choice, num_layers=2)
+    assert cosine(grads(fixed, x, target), bptt_grads(fixed, x, target)) >= 0.99
+
+
 def test_controller_probe_schedule():
     from hwbptt import HighwayOptions
 

@@ -104,6 +104,7 @@ def retime(probe: dict, fidelity: float, key: tuple, exact_step: Callable[[], No
     ``probe["timed"]`` says so."""
     rungs = sorted(probe["cosines"])
     first = next((k for k in rungs if probe["cosines"][k] >= fidelity), None)
+    probe["pass_seconds"] = probe["seconds"]  # the iterations' own times (hwbptt.auto._carried's slope)
     probe["exact_seconds"] = measured(("exact", *key), exact_step, like)
     probe["seconds"] = {} if first is None else {first: measured((first, *key), lambda: highway_step(first), like)}
     probe["timed"] = "layer steps (exact mode runs the parent's kernel)"
