@@ -304,11 +304,11 @@ class Diagnostics:
                       adjoint of the estimate a fixed ``k`` would return, and the time to
                       compute it, for the rungs the pass reached; ``stopped`` is
                       ``"faithful"``, ``"diverged"``, ``"cost"`` (the iterations took longer
-                      than exact) or None (the ladder ran out). Where an adapter timed what
-                      runs between probes instead (``timed`` says what: whole layer steps
-                      where exact mode is the parent's kernel, Keras' compiled route), the
-                      pass's own times are in ``pass_seconds``; torch adds ``exact_path``
-                      (``"tape"`` or ``"parent"``).
+                      than exact) or None (the ladder ran out). Where Keras timed its
+                      compiled TensorFlow route instead (``timed``), the pass's own times
+                      are in ``pass_seconds``; torch adds ``exact_path``: ``"tape"``, or
+                      ``"parent"`` where exact mode runs the parent's kernel, whose time
+                      this project's exact adjoint stands in for.
     """
 
     iterations: int = 0

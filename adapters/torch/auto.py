@@ -107,8 +107,8 @@ def probe_adjoint(
     iteration (``current()`` gives the estimate in the exact adjoint's form);
     ``flatten`` turns either into one tensor for the cosine. The rungs' times count only
     the iteration (cosines are off the clock); where the pass stops: ``hwbptt.auto.ProbePass``.
-    Where exact mode runs the parent's kernel the operator re-times the result
-    (``hwbptt.torch.exact_cost``)."""
+    The exact time is this exact adjoint's, also where exact mode runs the parent's kernel
+    instead (``exact_path``, set by the operator)."""
     _sync(like)
     t = time.perf_counter()
     ref = exact()

@@ -40,7 +40,6 @@ vmapped dimension cannot be folded into it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 from typing import Any, Callable
 
@@ -49,7 +48,7 @@ from torch import Tensor, _VF
 
 from hwbptt import Diagnostics, HighwayOptions
 
-from . import exact_cost, reserve, workspace
+from . import reserve, workspace
 from .gru_math import FastGRUTape, GRUWeights, make_gru_tape
 from .lstm_math import FastLSTMTape, LSTMWeights, make_lstm_tape
 
@@ -102,9 +101,18 @@ class SinkLease:
         close_sink(self.handle)
 
 
+def _exact_runs_parent(cell: str, tensors: tuple[Tensor, ...], has_proj: bool) -> bool:
+    """Whether exact mode runs the parent's kernel for this layer (``dispatch.plan``, the one
+    place that decides): cuDNN on CUDA, oneDNN's LSTM at short ``T·H`` on CPU."""
+    from .dispatch import plan
+
+    return plan(cell, tensors, exact=True, has_proj=has_proj, wants_grad=True).backward == "parent"
+
+
 def _probe_path(diag: Diagnostics, parent: bool) -> None:
-    """A probe's ``exact_path``: ``"parent"`` where exact mode runs the parent's kernel
-    (its times are then whole layer steps, ``exact_cost``), else ``"tape"``."""
+    """A probe's ``exact_path``: ``"parent"`` where exact mode runs the parent's kernel, whose
+    time the probe does not measure (it times this project's exact adjoint, which it needs
+    for the cosines, in its place), else ``"tape"``."""
     if diag.probe is not None:
         diag.probe["exact_path"] = "parent" if parent else "tape"
 
@@ -310,29 +318,14 @@ def _lstm_backward_impl(
     Stores the diagnostics under ``handle``/``key``."""
     inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     _check_needs(needs, len(inputs))
-    has_bias, has_proj = b_ih is not None, w_hr is not None
+    has_proj = w_hr is not None
     with _kernel_context(x):
         w = LSTMWeights(w_ih, w_hh, b_ih, b_hh, w_hr)
         tape = _lstm_tape(x, y, h0, c0, w, gates, c, tanh_c, gain)
         lc = _last_step_gradient(tape.c, grad_c_last, lengths)
-        flat = _flat(w_ih, w_hh, b_ih, b_hh, w_hr)
-        opts = _options(iterations, tol, gamma, split, diagnostics, probe)
-        parent = bool(probe) and lengths is None and exact_cost.runs_parent("lstm", (x, h0, c0, *flat), has_proj)
-        if parent:  # the pass's times are not the ones compared (exact_cost)
-            opts = dataclasses.replace(opts, probe_stops_on_cost=False)
-        dc, wh, diag = tape.highway(grad_y, lc, opts)
-        if parent:
-            present = [n for n, t in zip(needs, inputs) if t is not None]
-
-            def highway_step(k: int) -> None:
-                kept = _lstm_forward_impl(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, None)
-                _lstm_backward_impl(grad_y, grad_c_last, x, kept[0], h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *kept[2:],
-                                    None, k, tol, gamma, split, "off", [], -1, key, needs)
-
-            exact_step = exact_cost.parent_step("lstm", x, (h0, c0), flat, has_bias, (grad_y, grad_c_last), present)
-            step = exact_cost.step_key("lstm", inputs, needs) + (tol, gamma, split)
-            exact_cost.retime(diag.probe, opts.fidelity, step, exact_step, highway_step, x)
-        _probe_path(diag, parent)
+        dc, wh, diag = tape.highway(grad_y, lc, _options(iterations, tol, gamma, split, diagnostics, probe))
+        if probe:
+            _probe_path(diag, _exact_runs_parent("lstm", (x, h0, c0, *_flat(w_ih, w_hh, b_ih, b_hh, w_hr)), has_proj))
         _store(handle, key, diag)
         want = {n: bool(need and t is not None) for n, t, need in zip(LSTM_GRAD_NAMES, inputs, needs)}
         return _grads_out(tape.input_grads(dc, wh, want), LSTM_GRAD_NAMES, inputs, needs)
@@ -400,24 +393,9 @@ def _gru_backward_impl(
     _check_needs(needs, len(inputs))
     with _kernel_context(x):
         tape = _gru_tape(x, y, h0, GRUWeights(w_ih, w_hh, b_ih, b_hh), gates, gh)
-        flat = _flat(w_ih, w_hh, b_ih, b_hh)
-        opts = _options(iterations, tol, gamma, split, diagnostics, probe)
-        parent = bool(probe) and exact_cost.runs_parent("gru", (x, h0, *flat), False)
-        if parent:  # the pass's times are not the ones compared (exact_cost)
-            opts = dataclasses.replace(opts, probe_stops_on_cost=False)
-        w, diag = tape.highway(grad_y, opts)
-        if parent:
-            present = [n for n, t in zip(needs, inputs) if t is not None]
-
-            def highway_step(k: int) -> None:
-                y_, gates_, gh_ = _gru_forward_impl(x, h0, w_ih, w_hh, b_ih, b_hh, None)
-                _gru_backward_impl(grad_y, x, y_, h0, w_ih, w_hh, b_ih, b_hh, gates_, gh_, k, tol, gamma, split, "off",
-                                   [], -1, key, needs)
-
-            exact_step = exact_cost.parent_step("gru", x, (h0,), flat, b_ih is not None, (grad_y,), present)
-            step = exact_cost.step_key("gru", inputs, needs) + (tol, gamma, split)
-            exact_cost.retime(diag.probe, opts.fidelity, step, exact_step, highway_step, x)
-        _probe_path(diag, parent)
+        w, diag = tape.highway(grad_y, _options(iterations, tol, gamma, split, diagnostics, probe))
+        if probe:
+            _probe_path(diag, _exact_runs_parent("gru", (x, h0, *_flat(w_ih, w_hh, b_ih, b_hh)), False))
         _store(handle, key, diag)
         want = {n: bool(need and t is not None) for n, t, need in zip(GRU_GRAD_NAMES, inputs, needs)} | {"w_hr": False}
         return _grads_out(tape.input_grads(w, want), GRU_GRAD_NAMES, inputs, needs)
