@@ -451,6 +451,7 @@ class RunRecord:
     cosine: list[float] = field(default_factory=list)
     iters_used: list[float] = field(default_factory=list)
     eval: dict[str, float] = field(default_factory=dict)
+    auto_choices: list[tuple[int, int | None]] = field(default_factory=list)  # iterations="auto": (step, k; None exact)
 
     @property
     def median_step(self) -> float:

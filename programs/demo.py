@@ -109,6 +109,8 @@ def run(args) -> int:
             progress=not args.no_progress,
         )
         rec.eval["test_loss"], rec.eval["test_acc"] = _evaluate(model, task, test_x, test_y)
+        if k == "auto":  # what auto chose at each probe, for the recommendation below
+            rec.auto_choices = [(e["step"], e["choice"]) for e in model.rnn.highway_auto.history if "choice" in e]
         records.append(rec)
     total = time.perf_counter() - started
 
@@ -137,6 +139,13 @@ def run(args) -> int:
         f"(time per step: median over the run, forward+backward+update, measured in this process; "
         f"speed-up = BPTT's / this run's; test set: 256 sequences; chance 25%, loss {task.chance:.3f})"
     )
+    chosen = next((r.auto_choices for r in records if r.k == "auto"), None)
+    if chosen is not None:
+        picks = ", ".join(f"step {s}: {'exact' if c is None else f'k={c}'}" for s, c in chosen)
+        print(
+            'Not sure which k to use? iterations="auto" takes, at every probe, the fastest mode whose gradient '
+            f"cosine to BPTT's is >= 0.99, exact included; in this run it chose {picks or 'nothing yet'}."
+        )
 
     png = plot_curves(
         os.path.join(out_dir, "loss_vs_time.png"),

@@ -75,6 +75,21 @@ def test_demo_tiny_run_writes_table_plot_and_json(tmp_path, capsys):
     assert len(data["table"]["rows"]) == 3
 
 
+def test_demo_recommends_auto_with_what_it_chose(tmp_path, capsys):
+    from hwbptt.programs import demo
+
+    out = tmp_path / "demo"
+    rc = demo.main(["--steps", "3", "--seq-len", "12", "--hidden", "8", "--batch", "4", "--iterations", "1,auto",
+                    "--cos-every", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    runs = json.loads((out / "demo.json").read_text())["runs"]
+    choices = runs[-1]["auto_choices"]
+    assert runs[-1]["k"] == "auto" and choices and choices[0][0] == 0  # probed at the first step
+    first = "exact" if choices[0][1] is None else f"k={choices[0][1]}"
+    assert 'iterations="auto"' in text and f"step 0: {first}" in text
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
