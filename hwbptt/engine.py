@@ -31,7 +31,7 @@ from typing import Any, Callable, Protocol
 
 from .options import Diagnostics
 
-__all__ = ["ArrayOps", "highway_adjoint"]
+__all__ = ["ArrayOps", "highway_adjoint", "one_iteration_diagnostics"]
 
 
 class ArrayOps(Protocol):
@@ -198,6 +198,21 @@ def highway_adjoint(
         diagnostics.rate, diagnostics.remainder = remainder_estimate(d0, last_d, diagnostics.used, ops.norm(best))
         diagnostics.unconverged = diagnostics.remainder > REMAINDER_LIMIT
     return best, diagnostics
+
+
+def one_iteration_diagnostics(d0: float, d1: float, norm1: float, record: bool) -> Diagnostics:
+    """What ``highway_adjoint`` reports after exactly one iteration with ``gamma = 0`` (and
+    divergence checks on), from the three norms it measures: ``d0 = ||u^0||``, ``d1 =
+    ||u^1 - u^0||`` and ``norm1 = ||u^1||``. For an adapter that runs that iteration as
+    one fused loop (the LSTM's compiled ``k = 1``) and hands back only the norms;
+    ``record`` as ``highway_adjoint``'s (or ``tol`` given). One iteration cannot grow above
+    an earlier one, so ``u^1`` is the estimate (``used = 1``)."""
+    diagnostics = Diagnostics(iterations=1, used=1)
+    if record:
+        diagnostics.update_norms.append(d1 / max(norm1, 1e-30))
+    diagnostics.rate, diagnostics.remainder = remainder_estimate(d0, d1, 1, norm1)
+    diagnostics.unconverged = diagnostics.remainder > REMAINDER_LIMIT
+    return diagnostics
 
 
 def _traced_loop(ops: Any, a: Any, residual: Any, local: Any, block: Callable, u: Any, iterations: int,

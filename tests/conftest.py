@@ -35,9 +35,9 @@ def torch_threads():
 
 @pytest.fixture(autouse=True)
 def _compiled_exact_adjoint_at_every_size(monkeypatch):
-    """Exact mode takes the LSTM's compiled adjoint only from T·H = 2^16 in use (below,
-    oneDNN's exact BPTT is faster: ``dispatch.exact_adjoint_pays``). The tests' sequences
-    are small, so the suite lowers that bar to 0 to test the compiled path at every size;
+    """Exact mode takes the LSTM's compiled adjoint only up to H = 256 in use (wider,
+    oneDNN's exact BPTT is faster: ``dispatch.exact_adjoint_pays``). The suite raises that
+    bar to test the compiled path at every width (H = 257 included);
     ``tests/test_native.py::test_plan_is_the_one_decision`` checks the real bar."""
     import sys
 
@@ -45,4 +45,4 @@ def _compiled_exact_adjoint_at_every_size(monkeypatch):
     if dispatch is None and importlib.util.find_spec("torch") is not None:
         import hwbptt.torch.dispatch as dispatch
     if dispatch is not None:
-        monkeypatch.setattr(dispatch, "EXACT_LSTM_MIN_TH", 0)
+        monkeypatch.setattr(dispatch, "EXACT_LSTM_MAX_H", 1 << 30)

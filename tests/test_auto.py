@@ -275,19 +275,20 @@ def test_probe_pass_stops_at_a_faithful_rung_before_its_cost_does():
 
 
 def test_probe_says_which_exact_path_its_exact_time_stands_for(monkeypatch):
-    """An LSTM at short T·H, where exact mode runs oneDNN's LSTM (``dispatch.plan``): the
-    probe reports ``exact_path="parent"`` (its exact time is this project's adjoint standing
-    in); from T·H = 2^16, and for the GRU, exact mode is the tape's own adjoint."""
+    """An LSTM wider than ``EXACT_LSTM_MAX_H``, where exact mode runs oneDNN's LSTM
+    (``dispatch.plan``): the probe reports ``exact_path="parent"`` (its exact time is this
+    project's adjoint standing in); up to that width, and for the GRU, exact mode is the
+    tape's own adjoint."""
     from hwbptt.torch import dispatch
 
     x, target = data()
-    monkeypatch.setattr(dispatch, "EXACT_LSTM_MIN_TH", 1 << 16)  # the real bar (the suite lowers it: conftest)
+    monkeypatch.setattr(dispatch, "EXACT_LSTM_MAX_H", H - 1)  # this width is above the bar
     paths = {}
     for name, cls in (("lstm", HighwayLSTM), ("gru", HighwayGRU)):
         m = make(cls, iterations="auto", probe_every=100)
         grads(m, x, target)
         paths[name] = m.last_diagnostics[(0, 0)].probe["exact_path"]
-    monkeypatch.setattr(dispatch, "EXACT_LSTM_MIN_TH", T * H)  # this T·H reaches the bar: the tape's adjoint
+    monkeypatch.setattr(dispatch, "EXACT_LSTM_MAX_H", H)  # this width is within the bar: the tape's adjoint
     m = make(HighwayLSTM, iterations="auto", probe_every=100)
     grads(m, x, target)
     assert paths == {"lstm": "parent", "gru": "tape"} and m.last_diagnostics[(0, 0)].probe["exact_path"] == "tape"

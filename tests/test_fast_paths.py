@@ -383,6 +383,65 @@ def test_layers_reserve_equals_recompute(cls, packed):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("tol", [None, 1e-3])
+@pytest.mark.parametrize("H", [7, 17, 64])
+def test_lstm_k1_time_loop_equals_the_batched_iteration(H, tol, monkeypatch):
+    """HighwayLSTM(iterations=1): the compiled time loop (``dispatch.highway_loop_pays``)
+    gives the batched iteration's gradients and diagnostics (two layers, both directions)."""
+    from hwbptt.torch import dispatch
+
+    if not reserve.available():
+        pytest.skip("the compiled kernels are not built here")
+    calls = []
+    real = reserve.lstm_highway1
+    monkeypatch.setattr(reserve, "lstm_highway1", lambda *a: (calls.append(1), real(*a))[1])
+    torch.manual_seed(H)
+    m = HighwayLSTM(5, H, num_layers=2, bidirectional=True, iterations=1, tol=tol, diagnostics=True)
+    x = torch.randn(19, 3, 5, requires_grad=True)
+
+    def run(loop_max_h):
+        monkeypatch.setattr(dispatch, "LOOP_MAX_H", loop_max_h)
+        m.zero_grad()
+        x.grad = None
+        out, _ = m(x)
+        (out.sin() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in m.parameters()], dict(m.last_diagnostics)
+
+    loop, loop_diag = run(10**6)
+    assert len(calls) == 4  # two layers, two directions
+    batched, batched_diag = run(-1)
+    assert len(calls) == 4
+    for a, b in zip(loop, batched):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert loop_diag.keys() == batched_diag.keys()
+    for key, d in loop_diag.items():
+        e = batched_diag[key]
+        assert (d.iterations, d.used, d.diverged, d.unconverged, d.growth) == (e.iterations, e.used, e.diverged, e.unconverged, e.growth)
+        assert d.update_norms == pytest.approx(e.update_norms, rel=1e-4)
+        assert (d.rate, d.remainder) == pytest.approx((e.rate, e.remainder), rel=1e-4)
+
+
+def test_one_iteration_diagnostics_equal_the_engines():
+    """``one_iteration_diagnostics`` from the three norms is what ``highway_adjoint``
+    reports after one iteration (eager torch arrays)."""
+    from hwbptt import highway_adjoint
+    from hwbptt.engine import one_iteration_diagnostics
+    from hwbptt.torch.scan import TORCH_OPS
+
+    g = torch.Generator().manual_seed(3)
+    a, local = torch.rand(11, 4, 6, generator=g, dtype=torch.float64) * 0.9, torch.randn(11, 4, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 6, generator=g, dtype=torch.float64) * 0.4
+
+    def block(u):
+        return torch.cat([u[1:] @ w, torch.zeros_like(u[:1])])
+
+    for record in (False, True):
+        u1, want = highway_adjoint(a, local, block, iterations=1, ops=TORCH_OPS, record=record)
+        u0 = TORCH_OPS.reverse_scan(a, local)
+        got = one_iteration_diagnostics(TORCH_OPS.norm(u0), TORCH_OPS.dist(u1, u0), TORCH_OPS.norm(u1), record)
+        assert got == want
+
+
 # ----------------------------------------------------------------------------- GEMM backend
 
 
@@ -407,6 +466,23 @@ def test_gemm_linear_t_matches_matmul(dtype, layout):
         assert gemm.backend(a.clone().requires_grad_(True), w) == "torch.mm"  # a graph wanted: autograd's mm
 
 
+def test_gemm_tn_choice_follows_its_measurement(monkeypatch):
+    """The chunked path is chosen where it measured under ``_TN_WIN`` of torch.mm's time,
+    once per process, and the status line says which and the two times."""
+    if not (gemm._onednn_ok() and gemm._transpose() is not None):
+        pytest.skip("no oneDNN linear or no compiled transpose: tn always takes torch.mm")
+    monkeypatch.setitem(gemm._state, "chunked", None)
+    monkeypatch.setitem(gemm._state, "tn_ms", None)
+    chosen = gemm._chunked_pays()
+    ms = gemm._state["tn_ms"]
+    assert ms["chunked"] > 0 and ms["torch.mm"] > 0
+    assert chosen == (ms["chunked"] < gemm._TN_WIN * ms["torch.mm"])
+    gemm._state["tn_ms"] = {"chunked": -1.0, "torch.mm": -1.0}  # a second call does not measure again
+    assert gemm._chunked_pays() == chosen
+    assert ("chunked oneDNN (measured" in gemm.tn_status()) == chosen
+    assert gemm.tn_status() in gemm.status()
+
+
 def test_gemm_status_names_the_backend():
     assert ("oneDNN" in gemm.status()) == gemm._onednn_ok()
     with pytest.raises(TypeError, match="on=1"):
@@ -417,7 +493,10 @@ def test_gemm_status_names_the_backend():
 @pytest.mark.parametrize("cls", [HighwayLSTM, HighwayGRU])
 @pytest.mark.parametrize("chunked_tn", [False, True], ids=["tn-default", "tn-chunked"])
 def test_layers_float32_same_gradients_with_either_gemm(cls, chunked_tn, monkeypatch):
-    if chunked_tn:  # the weight gradients through gemm.tn's chunked path, with chunks that split steps
+    # The weight gradients through gemm.tn's chunked path (chunks that split steps) or
+    # through torch.mm, whichever this machine measured faster.
+    monkeypatch.setitem(gemm._state, "chunked", chunked_tn)
+    if chunked_tn:
         monkeypatch.setattr(gemm, "_TN_MIN_K", 1)
         monkeypatch.setattr(gemm, "_TN_CHUNK", 7)
     torch.manual_seed(4)
@@ -438,12 +517,15 @@ def test_layers_float32_same_gradients_with_either_gemm(cls, chunked_tn, monkeyp
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked-chosen", "mm-chosen"])
 @pytest.mark.parametrize("chunk", [7, 2048])
 @pytest.mark.parametrize("widths", [(150, 131), (5,)])
-def test_gemm_tn_matches_matmul_over_row_pieces(monkeypatch, chunk, widths):
+def test_gemm_tn_matches_matmul_over_row_pieces(monkeypatch, chunk, widths, chunked):
     """``gemm.tn``: ``d.T @ z`` for blocks given as row pieces, on the chunked oneDNN path
-    (wide blocks, chunks that end inside a piece) and on torch.mm (narrow blocks)."""
+    (wide blocks, chunks that end inside a piece, where this machine chose it) and on
+    torch.mm (narrow blocks, or where torch.mm measured faster)."""
     monkeypatch.setattr(gemm, "_TN_CHUNK", chunk)
+    monkeypatch.setitem(gemm._state, "chunked", chunked)
     calls = []
     real = gemm._transpose_into
     monkeypatch.setattr(gemm, "_transpose_into", lambda s, d: (calls.append(1), real(s, d)))
@@ -455,7 +537,7 @@ def test_gemm_tn_matches_matmul_over_row_pieces(monkeypatch, chunk, widths):
     for out, z in zip(got, zs):
         torch.testing.assert_close(out, (d.double().t() @ z.double()).float(), rtol=1e-5, atol=1e-5)
         assert out.is_contiguous()
-    fast = sum(widths) >= gemm._TN_MIN_K and gemm.backend(d, d) == "onednn" and gemm._transpose() is not None
+    fast = chunked and sum(widths) >= gemm._TN_MIN_K and gemm.backend(d, d) == "onednn" and gemm._transpose() is not None
     assert bool(calls) == fast
     if fast and chunk == 7:
         # 9 chunks: d once each, every block once each plus once more where row 4 splits chunk 0

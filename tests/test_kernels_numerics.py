@@ -264,6 +264,61 @@ def _assert_reserve_forward_and_adjoint(H, dtype, g, T, B):
     assert_near(dpre, want, dtype) if dtype == torch.float64 else torch.testing.assert_close(dpre, want, rtol=1e-4, atol=1e-5)
 
 
+def ref_lstm_highway1(gates, c, c0, tc, gain, w_hh, lh, lc):
+    """One Highway iteration of the "gates" split, k = 1, in eager torch (the formulas of
+    ``reserve.lstm_highway1``): ``(dc, wh, dpre, (||u0||, ||u1 - u0||, ||u1||))``."""
+    from hwbptt.torch.scan import linear_scan_reference
+
+    H = c.shape[-1]
+    i, f, gg, o = gates.split(H, -1)
+    cp = torch.cat([c0.unsqueeze(0), c[:-1]])
+    f_next = torch.cat([f[1:], torch.zeros_like(f[:1])])
+
+    def dpre(d, m):
+        return torch.cat([d * gg * i * (1 - i), d * cp * f * (1 - f), d * i * (1 - gg * gg), m * tc * o * (1 - o)], -1)
+
+    local = lc + lh * gain
+    u0 = linear_scan_reference(f_next, local, reverse=True)
+    p = dpre(u0, lh)
+    q = torch.cat([p[1:] @ w_hh, torch.zeros_like(lh[:1])])
+    wh = lh + q
+    u1 = linear_scan_reference(f_next, local + q * gain, reverse=True)
+    norms = [float(torch.linalg.vector_norm(v.double())) for v in (u0, u1 - u0, u1)]
+    return u1, wh, dpre(u1, wh), norms
+
+
+@needs_kernels
+@pytest.mark.parametrize("product", ["own", "blas"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H", WIDTHS)
+def test_lstm_highway1_matches_eager(H, dtype, product):
+    """The compiled k = 1 time loop against the eager iteration, across widths, on gates
+    from pre-activations with saturated, huge and non-finite values (NaN exactly where the
+    eager iteration has NaN), with the per-step product on the compiled kernel and on the
+    BLAS; B = 5 runs 4-row blocks and the remainder row."""
+    from hwbptt.torch import reserve
+    from hwbptt.torch.reserve import step_product
+
+    g = torch.Generator().manual_seed(700 + H)
+    T, B = 9, 5
+    for nonfinite in (False, True):
+        pre, c0 = values((T, B, 4 * H), dtype, g, nonfinite=nonfinite), torch.randn(B, H, generator=g, dtype=dtype)
+        gates, c, tc, gain = ref_lstm_gates(pre, c0)
+        w_hh = torch.randn(4 * H, H, generator=g, dtype=dtype) / H ** 0.5
+        lh, lc = torch.randn(T, B, H, generator=g, dtype=dtype), torch.randn(T, B, H, generator=g, dtype=dtype)
+        with step_product(product):
+            got = reserve.lstm_highway1(gates, c, c0, tc, gain, w_hh, lh, lc)
+        want = ref_lstm_highway1(gates, c, c0, tc, gain, w_hh, lh, lc)
+        close = (lambda a, b: assert_near(a, b, dtype)) if dtype == torch.float64 else (
+            lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True))  # K-term products
+        for a, b in zip(got[:3], want[:3]):
+            close(a, b)
+        if not nonfinite:
+            assert all(torch.isfinite(t).all() for t in got[:3])
+        for a, b in zip(got[3], want[3]):
+            assert (a != a and b != b) or a == pytest.approx(b, rel=1e-5, abs=1e-12)
+
+
 @needs_kernels
 def test_operators_refuse_bad_layouts_loudly():
     ops = native.ops()

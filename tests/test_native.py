@@ -148,37 +148,34 @@ def test_the_scan_splits_over_threads_with_one_threads_result(torch_threads):
 @needs_kernels
 def test_plan_is_the_one_decision(monkeypatch):
     """``dispatch.plan``: exact mode takes the compiled adjoint for the GRU at every size
-    and for the LSTM from T·H = 2^16 (below, the parent's exact gradient, measured faster);
+    and for the LSTM up to H = 256 (wider, the parent's exact gradient, measured faster);
     no gradient wanted or an empty input: the parent; Highway mode keeps the gates. The
-    layers ask the same question: a small LSTM in exact mode runs the parent's autograd."""
+    layers ask the same question: a wide LSTM in exact mode runs the parent's autograd."""
     from hwbptt.torch import HighwayLSTM, dispatch
     from hwbptt.torch.dispatch import plan
 
-    monkeypatch.setattr(dispatch, "EXACT_LSTM_MIN_TH", 1 << 16)  # the suite lowers it (conftest)
-    EXACT_LSTM_MIN_TH = dispatch.EXACT_LSTM_MIN_TH
+    monkeypatch.setattr(dispatch, "EXACT_LSTM_MAX_H", 256)  # the suite raises it (conftest)
 
     def tensors(T, H, lstm=True):
         x, h0 = torch.randn(T, 2, 3), torch.randn(2, H)
         w = [torch.randn(4 * H if lstm else 3 * H, 3), torch.randn(4 * H if lstm else 3 * H, H)]
         return (x, h0, torch.randn(2, H), *w) if lstm else (x, h0, *w)
 
-    H = 64
-    short, long = EXACT_LSTM_MIN_TH // H - 1, EXACT_LSTM_MIN_TH // H
-    assert plan("lstm", tensors(short, H), exact=True, has_proj=False, wants_grad=True).backward == "parent"
-    assert plan("lstm", tensors(long, H), exact=True, has_proj=False, wants_grad=True).backward == "exact-adjoint"
-    assert plan("gru", tensors(8, H, lstm=False), exact=True, has_proj=False, wants_grad=True).backward == "exact-adjoint"
-    assert plan("lstm", tensors(long, H), exact=True, has_proj=True, wants_grad=True).backward == "parent"
-    p = plan("lstm", tensors(8, H), exact=False, has_proj=False, wants_grad=True)
+    for T in (2, 300):
+        assert plan("lstm", tensors(T, 257), exact=True, has_proj=False, wants_grad=True).backward == "parent"
+        assert plan("lstm", tensors(T, 256), exact=True, has_proj=False, wants_grad=True).backward == "exact-adjoint"
+    assert plan("gru", tensors(8, 257, lstm=False), exact=True, has_proj=False, wants_grad=True).backward == "exact-adjoint"
+    assert plan("lstm", tensors(8, 64), exact=True, has_proj=True, wants_grad=True).backward == "parent"
+    p = plan("lstm", tensors(8, 64), exact=False, has_proj=False, wants_grad=True)
     assert (p.forward, p.backward) == ("reserve", "highway") and p.kernels.startswith("compiled C++")
-    assert plan("lstm", tensors(8, H), exact=False, has_proj=False, wants_grad=False).backward == "parent"
+    assert plan("lstm", tensors(8, 64), exact=False, has_proj=False, wants_grad=False).backward == "parent"
 
     x = torch.randn(5, 2, 3, requires_grad=True)
-    y_ours, _ = HighwayLSTM(3, 8, iterations=None)(x)
-    y_parent, _ = torch.nn.LSTM(3, 8)(x)
-    assert type(y_ours.grad_fn).__name__ == type(y_parent.grad_fn).__name__  # the parent's own kernel and backward
-    long_x = torch.randn(EXACT_LSTM_MIN_TH // 8, 2, 3, requires_grad=True)
-    y_long, _ = HighwayLSTM(3, 8, iterations=None)(long_x)
-    assert type(y_long.grad_fn).__name__ != type(y_parent.grad_fn).__name__  # the compiled adjoint's Function
+    y_wide, _ = HighwayLSTM(3, 257, iterations=None)(x)
+    y_parent, _ = torch.nn.LSTM(3, 257)(x)
+    assert type(y_wide.grad_fn).__name__ == type(y_parent.grad_fn).__name__  # the parent's own kernel and backward
+    y_narrow, _ = HighwayLSTM(3, 8, iterations=None)(x)
+    assert type(y_narrow.grad_fn).__name__ != type(y_parent.grad_fn).__name__  # the compiled adjoint's Function
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs TensorFlow")

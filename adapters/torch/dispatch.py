@@ -9,11 +9,11 @@ backward that run and the kernels beneath them. The rules, in order:
   CPU autocast, kernels not built, ``torch.jit.trace``): the parent's forward and autograd.
 - ``backward="exact-adjoint"``: exact mode on the CPU with the compiled kernels
   (float32/float64, no ``proj_size``): BPTT's adjoint as one compiled time loop on the
-  gates the forward kept. For the LSTM only where ``T·H >= 2^16``: on shorter or narrower
-  sequences oneDNN's fused LSTM (the parent's exact gradient) measured faster (0.79-0.95x
-  for ours at T <= 512 with H <= 128, 1.1-1.8x from T·H = 2^16 up; one thread,
-  docs/performance.md). ATen's CPU GRU is a per-step operator loop, which the GRU's
-  exact adjoint beats at every measured size.
+  gates the forward kept. For the LSTM only where ``H <= 256``: wider, oneDNN's fused LSTM
+  (the parent's exact gradient) measured faster on a 2-core Intel Xeon (ours 0.81-0.92x at
+  H = 512, T = 128-2048, B = 8-64; 1.02-1.86x at H = 64 and 1.04-1.29x at H = 256,
+  docs/performance.md). ATen's CPU GRU is a per-step operator loop, which the GRU's exact
+  adjoint beats at every measured size.
 - ``backward="highway"``: Highway-BP, with ``forward="reserve"`` (a compiled forward
   that keeps the gates) where the kernels take the tensors, else ``forward="fused"``
   (the framework's fused kernel, the gates rebuilt in the backward).
@@ -33,10 +33,12 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["Plan", "plan", "exact_adjoint_pays", "switch", "kernels_status", "EXACT_LSTM_MIN_TH"]
+__all__ = ["Plan", "plan", "exact_adjoint_pays", "highway_loop_pays", "switch", "kernels_status", "EXACT_LSTM_MAX_H", "LOOP_MAX_H"]
 
-# The LSTM's exact adjoint runs where T·H reaches this (module docstring).
-EXACT_LSTM_MIN_TH = 1 << 16
+# The LSTM's exact adjoint runs up to this width (module docstring).
+EXACT_LSTM_MAX_H = 256
+# The LSTM's k = 1 runs as one time loop up to this width (``highway_loop_pays``).
+LOOP_MAX_H = 256
 
 
 @contextlib.contextmanager
@@ -79,9 +81,18 @@ def _kernels(device: torch.device) -> str:
 
 def exact_adjoint_pays(cell: str, T: int, H: int) -> bool:
     """Whether exact mode's compiled adjoint beats the parent's exact BPTT at ``T`` steps of
-    width ``H`` (module docstring): always for the GRU, from ``T·H = 2^16`` for the LSTM.
+    width ``H`` (module docstring): always for the GRU, up to ``H = 256`` for the LSTM.
     The layers (``layer.lstm_layer``, ``rnn``) and ``plan`` all ask here."""
-    return cell == "gru" or T * H >= EXACT_LSTM_MIN_TH
+    del T  # measured independent of the length (module docstring)
+    return cell == "gru" or H <= EXACT_LSTM_MAX_H
+
+
+def highway_loop_pays(cell: str, T: int, B: int, H: int) -> bool:
+    """Whether one Highway iteration (``k = 1``) runs faster as a compiled time loop
+    (``reserve.lstm_highway1``, the same estimate step by step in BPTT's order) than as the
+    batched iteration (one product over all ``T·B`` rows and a few passes over the whole
+    sequence): the LSTM at ``H <= 256`` (docs/performance.md)."""
+    return cell == "lstm" and H <= LOOP_MAX_H
 
 
 def plan(cell: str, tensors: tuple[torch.Tensor, ...], *, exact: bool, has_proj: bool, wants_grad: bool) -> Plan:

@@ -16,6 +16,8 @@ problem and, if they disagree, oneDNN is not used (``status()`` then says why).
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from typing import Sequence
 
 import torch
@@ -23,9 +25,11 @@ import torch
 from . import native, workspace
 from .dispatch import switch
 
-__all__ = ["linear_t", "tn", "backend", "use_onednn", "status"]
+__all__ = ["linear_t", "tn", "backend", "use_onednn", "status", "tn_status"]
 
-_state: dict[str, object] = {"enabled": True, "ok": None, "why": ""}
+# "chunked": whether ``tn``'s chunked path pays on this machine (``_chunked_pays``), None
+# until measured; "tn_ms": the two times that decided it.
+_state: dict[str, object] = {"enabled": True, "ok": None, "why": "", "chunked": None, "tn_ms": None}
 
 
 def _onednn_op():
@@ -83,11 +87,12 @@ def linear_t(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None)
 
 # Rows per chunk of ``tn``: its transposed operands (G·chunk and K·chunk floats) stay in cache.
 _TN_CHUNK = 2048
-# Narrower products stay on torch.mm. Measured on two 2-core machines: on one, at K = 128
-# the transposes cost what the faster GEMM saves (30% less time at K = 256); on another
-# (MKL's transposed product there at about half oneDNN's rate) the chunked path took 7-29%
-# less at K = 128 and 42-92% less at K >= 256 (one thread, docs/performance.md).
+# Narrower products stay on torch.mm (on one 2-core machine the transposes cost what the
+# faster GEMM saves at K = 128; docs/performance.md).
 _TN_MIN_K = 128
+# The chunked path is taken where it measured under this fraction of torch.mm's time: a
+# clear win, not a coin toss between two near-equal times on a noisy machine.
+_TN_WIN = 0.85
 
 
 def _transpose():
@@ -102,35 +107,24 @@ def _transpose_into(src: torch.Tensor, dst: torch.Tensor) -> None:
     native.ops().transpose_out(src, dst)
 
 
-def tn(d: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-    """``[d.T @ z for z in blocks]``: the weight gradients ``Σ_n d_n^T z_n`` of a batched VJP.
+def _tn_mm(d: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """``tn`` by ``torch.mm``/``addmm_`` on transposed views of the row pieces."""
+    out = []
+    for blk in blocks:
+        g, r = None, 0
+        for p in blk:
+            part = d[r : r + p.shape[0]].t()
+            g = part.mm(p) if g is None else g.addmm_(part, p)
+            r += p.shape[0]
+        out.append(g)
+    return out
 
-    ``d`` is (N, G); each block ``z`` (N, K) is given as row pieces stacked in order (e.g.
-    ``[h_0, y_{0..T-2}]`` for ``h_{t-1}``), so it is never concatenated. ``torch.mm`` runs
-    this product with transposed operands at well under half the rate of the untransposed
-    one that oneDNN's linear runs; where that runs (``backend``) the rows are taken in
-    chunks of ``_TN_CHUNK``, each transposed by a compiled kernel into a buffer small
-    enough to stay in the CPU cache and multiplied by oneDNN, and the chunks' products
-    summed (the same sums, in another order). Otherwise, and when the blocks are narrower
-    than ``_TN_MIN_K`` columns in all, ``torch.mm``/``addmm_`` over the pieces."""
+
+def _tn_chunked(d: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """``tn`` by oneDNN on chunks of ``_TN_CHUNK`` rows, each operand transposed by the
+    compiled kernel into a buffer that stays in cache; the chunks' products summed."""
     N, G = d.shape
     ks = [blk[0].shape[1] for blk in blocks]
-    chunked = (
-        sum(ks) >= _TN_MIN_K
-        and backend(d, d) == "onednn"
-        and all(p.dtype == torch.float32 and p.device.type == "cpu" for blk in blocks for p in blk)
-        and _transpose() is not None
-    )
-    if not chunked:
-        out = []
-        for blk in blocks:
-            g, r = None, 0
-            for p in blk:
-                part = d[r : r + p.shape[0]].t()
-                g = part.mm(p) if g is None else g.addmm_(part, p)
-                r += p.shape[0]
-            out.append(g)
-        return out
     K = sum(ks)
     chunk = min(_TN_CHUNK, N)
     dt, zt = workspace.empty((G, chunk), d), workspace.empty((K, chunk), d)
@@ -161,12 +155,67 @@ def tn(d: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]]) -> list[torch.
     return out
 
 
+def _chunked_pays() -> bool:
+    """Whether ``tn``'s chunked path beats ``torch.mm``'s transposed product on this machine,
+    measured once per process (about 20 ms): both on a (2048, 512)ᵀ (2048, 256) product, the
+    lesser of three interleaved runs each, chunked taken below ``_TN_WIN`` of torch.mm's time.
+
+    Which wins is a property of the machine's BLAS, not of the shapes: on one 2-core machine
+    MKL's transposed product ran at about half oneDNN's rate and the chunked path took 7-29%
+    less at K = 128 and 42-92% less at K >= 256; on another (AMD, AVX-512) torch.mm took
+    1.2-2.2x less than the chunked path at every shape of the tapes (docs/performance.md).
+    The two compute the same sums in another order."""
+    if _state["chunked"] is None:
+        g = torch.Generator().manual_seed(0)
+        d, z = torch.randn(2048, 512, generator=g), torch.randn(2048, 256, generator=g)
+        best = {"chunked": math.inf, "torch.mm": math.inf}
+        with torch.no_grad():
+            for _ in range(3):
+                for name, run in (("chunked", _tn_chunked), ("torch.mm", _tn_mm)):
+                    t0 = time.perf_counter()
+                    run(d, [[z]])
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        _state["tn_ms"] = {k: v * 1e3 for k, v in best.items()}
+        _state["chunked"] = best["chunked"] < _TN_WIN * best["torch.mm"]
+    return bool(_state["chunked"])
+
+
+def tn(d: torch.Tensor, blocks: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """``[d.T @ z for z in blocks]``: the weight gradients ``Σ_n d_n^T z_n`` of a batched VJP.
+
+    ``d`` is (N, G); each block ``z`` (N, K) is given as row pieces stacked in order (e.g.
+    ``[h_0, y_{0..T-2}]`` for ``h_{t-1}``), so it is never concatenated. Where oneDNN runs
+    (``backend``), the blocks are ``_TN_MIN_K`` columns wide or more in all, and the chunked
+    path measured faster on this machine (``_chunked_pays``): ``_tn_chunked``. Otherwise
+    ``torch.mm``/``addmm_`` over the pieces (``_tn_mm``)."""
+    chunked = (
+        sum(blk[0].shape[1] for blk in blocks) >= _TN_MIN_K
+        and backend(d, d) == "onednn"
+        and all(p.dtype == torch.float32 and p.device.type == "cpu" for blk in blocks for p in blk)
+        and _transpose() is not None
+        and _chunked_pays()
+    )
+    return _tn_chunked(d, blocks) if chunked else _tn_mm(d, blocks)
+
+
 def use_onednn(on: bool) -> contextlib.AbstractContextManager[None]:
     """Switch oneDNN on or off within a block (for comparisons)."""
     return switch(_state, on, "use_onednn")
 
 
+def tn_status() -> str:
+    """Which path ``tn`` takes for wide float32 blocks here, and the times that decided it."""
+    if not (_state["enabled"] and _onednn_ok() and _transpose() is not None):
+        return "torch.mm"
+    chunked = _chunked_pays()
+    ms = _state["tn_ms"]
+    return (f"{'chunked oneDNN' if chunked else 'torch.mm'} (measured here: chunked oneDNN {ms['chunked']:.2f} ms, "
+            f"torch.mm {ms['torch.mm']:.2f} ms)")
+
+
 def status() -> str:
     if not _state["enabled"]:
         return "torch.mm (oneDNN switched off)"
-    return "oneDNN linear (float32), torch.mm otherwise" if _onednn_ok() else f"torch.mm ({_state['why']})"
+    if not _onednn_ok():
+        return f"torch.mm ({_state['why']})"
+    return f"oneDNN linear (float32), torch.mm otherwise; weight gradients: {tn_status()}"

@@ -45,8 +45,9 @@ from dataclasses import dataclass
 import torch
 
 from hwbptt import Diagnostics, HighwayOptions, effective_iterations, highway_adjoint
+from hwbptt.engine import one_iteration_diagnostics
 
-from . import fused, gemm, reserve, workspace
+from . import dispatch, fused, gemm, reserve, workspace
 from .scan import TORCH_OPS, linear_scan
 
 __all__ = ["LSTMWeights", "LSTMTape", "FastLSTMTape", "make_lstm_tape", "lstm_cell_states"]
@@ -383,6 +384,26 @@ class FastLSTMTape(LSTMTape):
 
         return block, wh_box, kept
 
+    def _iterate(self, lh: torch.Tensor, lc: torch.Tensor, options: HighwayOptions, observe) -> tuple:
+        """As ``LSTMTape._iterate``. One iteration of the ``"gates"`` split with ``γ = 0``
+        runs as one C time loop (``reserve.lstm_highway1``, the same estimate, which also
+        writes ``dpre`` for ``input_grads``) where ``dispatch.highway_loop_pays``."""
+        T, B, P = lh.shape
+        if (
+            observe is None
+            and options.split == "gates"
+            and options.gamma == 0.0
+            and effective_iterations(options, T) == 1
+            and self.w.w_hr is None
+            and dispatch.highway_loop_pays("lstm", T, B, P)
+            and reserve.supports(lh, lc, self.gates, self.c, self.w.w_hh, self.c0)
+        ):
+            dc, wh, dpre, (d0, d1, norm1) = reserve.lstm_highway1(
+                self.gates, self.c, self.c0.contiguous(), self.tanh_c, self.readout_gain, self.w.w_hh, lh, lc)
+            self._kept_dpre = (dc, wh, dpre)
+            return dc, wh, one_iteration_diagnostics(d0, d1, norm1, bool(options.diagnostics) or options.tol is not None)
+        return super()._iterate(lh, lc, options, observe)
+
     def exact_adjoint(self, lh: torch.Tensor, lc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """On CPU without a projection, one C time loop (``reserve.lstm_adjoint``), which also
         writes ``dpre`` for the adjoint it returns (``input_grads`` takes it once)."""
@@ -390,12 +411,12 @@ class FastLSTMTape(LSTMTape):
             return super().exact_adjoint(lh, lc)
         dc, wh, dpre = reserve.lstm_adjoint(self.gates, self.c, self.c0.contiguous(), self.tanh_c, self.readout_gain,
                                             self.w.w_hh, lh, lc)
-        self._exact_dpre = (dc, wh, dpre)
+        self._kept_dpre = (dc, wh, dpre)
         return dc, wh
 
     def input_grads(self, dc: torch.Tensor, wh: torch.Tensor, needs: dict[str, bool]) -> dict[str, torch.Tensor | None]:
         T, B = dc.shape[:2]
-        done = self.__dict__.pop("_exact_dpre", None)
+        done = self.__dict__.pop("_kept_dpre", None)
         if done is not None and done[0] is dc and done[1] is wh:
             dpre = done[2]
         else:

@@ -38,13 +38,14 @@ References: the framework's fused forward (``torch._VF.lstm``/``gru``) for the s
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
 from . import fused, gemm, native, workspace
 from .dispatch import switch
 
-__all__ = ["available", "enabled", "use", "supports", "lstm_forward", "gru_forward", "lstm_adjoint", "gru_adjoint"]
+__all__ = ["available", "enabled", "use", "supports", "lstm_forward", "gru_forward", "lstm_adjoint", "lstm_highway1", "gru_adjoint"]
 
 _state = {"enabled": True}
 
@@ -194,6 +195,35 @@ def lstm_adjoint(
     w_hh_t = w_hh.t().contiguous()
     native.ops().lstm_adjoint_out(_c(gates), _c(c), _c(c0), _c(tanh_c), _c(gain), _c(w_hh), w_hh_t, lh, lc, wh, dc, dpre)
     return dc, wh, dpre
+
+
+def lstm_highway1(
+    gates: torch.Tensor, c: torch.Tensor, c0: torch.Tensor, tanh_c: torch.Tensor, gain: torch.Tensor,
+    w_hh: torch.Tensor, lh: torch.Tensor, lc: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, float, float]]:
+    """One Highway-BP iteration of the LSTM's ``"gates"`` split (``k = 1``, ``γ = 0``, no
+    ``proj_size``) as one C time loop: ``(dc, wh, dpre, (||u⁰||, ||u¹ - u⁰||, ||u¹||))``.
+
+    The same estimate as the batched iteration (``LSTMTape._iterate``), computed step by
+    step in BPTT's order while each step's rows are in cache::
+
+        u⁰_t = ℓc_t + ℓh_t ⊙ gain_t + f_{t+1} ⊙ u⁰_{t+1}
+        q_t = lstm_dpre(u⁰_{t+1}, ℓh_{t+1}) W_hh    (0 at the last step),   wh_t = ℓh_t + q_t
+        dc_t = u¹_t = ℓc_t + ℓh_t ⊙ gain_t + q_t ⊙ gain_t + f_{t+1} ⊙ u¹_{t+1}
+
+    and ``dpre_t = lstm_dpre(dc_t, wh_t)`` for the batched VJP of the inputs and weights.
+    Arguments as ``lstm_adjoint``'s; the three norms are the engine's (``highway_adjoint``),
+    summed in float64 in row order. Reference: ``LSTMTape._iterate`` with one iteration."""
+    T, B, H4 = gates.shape
+    H = H4 // 4
+    lh, lc = lh.contiguous(), lc.contiguous()
+    wh, dc = workspace.empty((T, B, H), lh), workspace.empty((T, B, H), lh)
+    dpre = workspace.empty((T, B, H4), lh)
+    sums = torch.empty(3, dtype=torch.float64)
+    native.ops().lstm_highway1_out(_c(gates), _c(c), _c(c0), _c(tanh_c), _c(gain), _c(w_hh), w_hh.t().contiguous(),
+                                   lh, lc, wh, dc, dpre, sums)
+    s0, s01, s1 = (math.sqrt(v) for v in sums.tolist())
+    return dc, wh, dpre, (s0, s01, s1)
 
 
 def gru_adjoint(

@@ -4,6 +4,7 @@
 // products. Recurrences are stated beside each; the Python wrappers hold the references.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "kernels.h"
@@ -176,6 +177,73 @@ void lstm_adjoint_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi,
   }
 }
 
+// One Highway-BP iteration of the "gates" split (k = 1, γ = 0) in BPTT's order, the
+// batched iteration's result (``FastLSTMTape._iterate``) computed one step at a time
+// while each step's rows are in cache:
+//   u0_t = ℓc_t + ℓh_t gain_t + f_{t+1} u0_{t+1}          (the scan of the local gradient)
+//   p_t = lstm_dpre(u0_t, ℓh_t),   q_t = p_{t+1} W_hh      (the block at u0, q_{T-1} = 0)
+//   wh_t = ℓh_t + q_t
+//   dc_t = (f_{t+1} dc_{t+1} + ℓc_t + ℓh_t gain_t) + q_t gain_t,   dpre_t = lstm_dpre(dc_t, wh_t)
+// part[3 b_lo + (0, 1, 2)] += Σ u0², Σ (dc - u0)², Σ dc² over these rows (the engine's norms).
+template <typename T>
+double lane_sum(const Vec<T>& v) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  double s = 0;
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += static_cast<double>(lanes[i]);
+  return s;
+}
+
+template <typename T>
+void lstm_highway1_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi, const T* gates, const T* c,
+                        const T* c0, const T* tc, const T* gain, const T* w_hh, const T* w_hh_t, const T* lh, const T* lc,
+                        T* wh, T* dc, T* dpre, double* part) {
+  const int64_t R = hi - lo;
+  std::vector<T> p(R * 4 * H), u0(R * H), q(R * H);
+  double s0 = 0, s01 = 0, s1 = 0;
+  for (int64_t t = Tn - 1; t >= 0; --t) {
+    std::fill(q.begin(), q.end(), T(0));
+    if (t < Tn - 1) step_gemm(R, H, 4 * H, w_hh_t, w_hh, p.data(), q.data());
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t row = t * B + b, r = row * H;
+      const T* g = gates + row * 4 * H;
+      const T* fn = t < Tn - 1 ? gates + (row + B) * 4 * H + H : nullptr;  // f_{t+1}
+      T* uu = u0.data() + (b - lo) * H;
+      const T* qq = q.data() + (b - lo) * H;
+      Vec<T> a0(T(0)), a01(T(0)), a1(T(0));
+      over_row<T>(H, [&](int64_t h, int64_t n) {
+        const Vec<T> gn = load(gain + r + h, n), lhv = load(lh + r + h, n), qv = load(qq + h, n);
+        const Vec<T> local = load(lc + r + h, n) + lhv * gn;
+        Vec<T> v0 = local, v1 = local;
+        if (fn) {
+          const Vec<T> f = load(fn + h, n);
+          v0 = f * load(uu + h, n) + local;
+          v1 = f * load(dc + r + B * H + h, n) + local;
+        }
+        v1 = v1 + qv * gn;
+        const Vec<T> dv = v1 - v0;
+        a0 = a0 + v0 * v0;
+        a01 = a01 + dv * dv;
+        a1 = a1 + v1 * v1;
+        store(v0, uu + h, n);
+        store(v1, dc + r + h, n);
+        store(lhv + qv, wh + r + h, n);
+      });
+      s0 += lane_sum(a0);
+      s01 += lane_sum(a01);
+      s1 += lane_sum(a1);
+      const T* cp = t ? c + r - B * H : c0 + b * H;
+      T* pp = p.data() + (b - lo) * 4 * H;
+      lstm_dpre_row<T>(H, uu, lh + r, g, g + H, g + 2 * H, g + 3 * H, cp, tc + r, pp, pp + H, pp + 2 * H, pp + 3 * H);
+      T* o = dpre + row * 4 * H;
+      lstm_dpre_row<T>(H, dc + r, wh + r, g, g + H, g + 2 * H, g + 3 * H, cp, tc + r, o, o + H, o + 2 * H, o + 3 * H);
+    }
+  }
+  part[3 * lo] = s0;
+  part[3 * lo + 1] = s01;
+  part[3 * lo + 2] = s1;
+}
+
 // The batch split for loops that call the BLAS each step: whole rows per thread, and
 // every thread's product big enough to be worth it. Inside PyTorch's parallel region the
 // BLAS runs on the calling thread.
@@ -291,6 +359,42 @@ void lstm_adjoint_out(const Tensor& gates, const Tensor& c, const Tensor& c0, co
                                   wh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), dpre.data_ptr<scalar_t>());
     });
   });
+}
+
+void lstm_highway1_out(const Tensor& gates, const Tensor& c, const Tensor& c0, const Tensor& tanh_c, const Tensor& gain,
+                       const Tensor& w_hh, const Tensor& w_hh_t, const Tensor& lh, const Tensor& lc, Tensor wh, Tensor dc,
+                       Tensor dpre, Tensor sums) {
+  check(gates.dim() == 3 && gates.size(2) % 4 == 0, "lstm_highway1_out", "gates must be (T, B, 4H)");
+  const int64_t Tn = gates.size(0), B = gates.size(1), H = gates.size(2) / 4;
+  check(gates.scalar_type() == at::kFloat || gates.scalar_type() == at::kDouble, "lstm_highway1_out",
+        "gates must be float32/64");
+  check_contiguous(gates, gates, gates.numel(), "lstm_highway1_out", "gates");
+  check_contiguous(dpre, gates, gates.numel(), "lstm_highway1_out", "dpre");
+  for (const Tensor* t : Refs{&c, &tanh_c, &gain, &lh, &lc, &wh, &dc})
+    check_contiguous(*t, gates, Tn * B * H, "lstm_highway1_out", "c/tanh_c/gain/lh/lc/wh/dc");
+  check_contiguous(c0, gates, B * H, "lstm_highway1_out", "c0");
+  check_contiguous(w_hh, gates, 4 * H * H, "lstm_highway1_out", "w_hh");
+  check_contiguous(w_hh_t, gates, 4 * H * H, "lstm_highway1_out", "w_hh_t");
+  check(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == 3,
+        "lstm_highway1_out", "sums must be a contiguous CPU float64 tensor of 3 elements");
+  // One partial per chunk of rows (at its first row), added in row order: the same sums
+  // whatever thread ran which chunk.
+  std::vector<double> part(3 * std::max<int64_t>(B, 1), 0.0);
+  if (Tn > 0 && B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_highway1_out", [&] {
+      at::parallel_for(0, B, batch_grain(Tn, B, 4 * H), [&](int64_t lo, int64_t hi) {
+        lstm_highway1_rows<scalar_t>(Tn, B, H, lo, hi, gates.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+                                     c0.data_ptr<scalar_t>(), tanh_c.data_ptr<scalar_t>(), gain.data_ptr<scalar_t>(),
+                                     w_hh.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(), lh.data_ptr<scalar_t>(),
+                                     lc.data_ptr<scalar_t>(), wh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
+                                     dpre.data_ptr<scalar_t>(), part.data());
+      });
+    });
+  }
+  double* out = sums.data_ptr<double>();
+  out[0] = out[1] = out[2] = 0.0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int k = 0; k < 3; ++k) out[k] += part[3 * b + k];
 }
 
 void gru_adjoint_out(const Tensor& gates, const Tensor& gh, const Tensor& w_hh, const Tensor& w_hh_t, const Tensor& h0,

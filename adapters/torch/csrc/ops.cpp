@@ -161,6 +161,9 @@ void gru_forward_(at::Tensor gi, at::Tensor gh, const at::Tensor& w_hh, const at
 void lstm_adjoint_out(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c0, const at::Tensor& tanh_c,
                       const at::Tensor& gain, const at::Tensor& w_hh, const at::Tensor& w_hh_t, const at::Tensor& lh, const at::Tensor& lc,
                       at::Tensor wh, at::Tensor dc, at::Tensor dpre);
+void lstm_highway1_out(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c0, const at::Tensor& tanh_c,
+                       const at::Tensor& gain, const at::Tensor& w_hh, const at::Tensor& w_hh_t, const at::Tensor& lh,
+                       const at::Tensor& lc, at::Tensor wh, at::Tensor dc, at::Tensor dpre, at::Tensor sums);
 void gru_adjoint_out(const at::Tensor& gates, const at::Tensor& gh, const at::Tensor& w_hh, const at::Tensor& w_hh_t, const at::Tensor& h0,
                      const at::Tensor& y, const at::Tensor& lh, at::Tensor w, at::Tensor dgi, at::Tensor dgh);
 int64_t build_info();
@@ -180,6 +183,8 @@ TORCH_LIBRARY(hwbptt, m) {
   m.def("gru_forward_(Tensor(a!) gi, Tensor(b!) gh, Tensor w_hh, Tensor w_hh_t, Tensor? b_hh, Tensor h0, Tensor(c!) y) -> ()");
   m.def("lstm_adjoint_out(Tensor gates, Tensor c, Tensor c0, Tensor tanh_c, Tensor gain, Tensor w_hh, Tensor w_hh_t, Tensor lh, "
         "Tensor lc, Tensor(a!) wh, Tensor(b!) dc, Tensor(c!) dpre) -> ()");
+  m.def("lstm_highway1_out(Tensor gates, Tensor c, Tensor c0, Tensor tanh_c, Tensor gain, Tensor w_hh, Tensor w_hh_t, "
+        "Tensor lh, Tensor lc, Tensor(a!) wh, Tensor(b!) dc, Tensor(c!) dpre, Tensor(d!) sums) -> ()");
   m.def("gru_adjoint_out(Tensor gates, Tensor gh, Tensor w_hh, Tensor w_hh_t, Tensor h0, Tensor y, Tensor lh, Tensor(a!) w, "
         "Tensor(b!) dgi, Tensor(c!) dgh) -> ()");
   m.def("build_info() -> int", &build_info);
@@ -198,6 +203,7 @@ TORCH_LIBRARY_IMPL(hwbptt, CPU, m) {
   m.impl("lstm_forward_", &lstm_forward_);
   m.impl("gru_forward_", &gru_forward_);
   m.impl("lstm_adjoint_out", &lstm_adjoint_out);
+  m.impl("lstm_highway1_out", &lstm_highway1_out);
   m.impl("gru_adjoint_out", &gru_adjoint_out);
 }
 
