@@ -329,6 +329,13 @@ def test_operators_refuse_bad_layouts_loudly():
         ops.gru_gates_(torch.zeros(3, 2, 6).transpose(0, 1), torch.zeros(2, 3, 6))
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.gru_gates_(torch.zeros(2, 3, 6, dtype=torch.float16), torch.zeros(2, 3, 6, dtype=torch.float16))
+    gates, w = torch.zeros(2, 3, 8), torch.zeros(8, 2)
+    states = [torch.zeros(2, 3, 2) for _ in range(7)]  # c, tanh_c, gain, lh, lc, wh, dc
+    args = (gates, states[0], torch.zeros(3, 2), *states[1:3], w, w.t().contiguous(), *states[3:], torch.zeros(2, 3, 8))
+    with pytest.raises(RuntimeError, match="sums must be a contiguous CPU float64"):
+        ops.lstm_highway1_out(*args, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="lstm_highway1_out: c0"):
+        ops.lstm_highway1_out(*args[:2], torch.zeros(2, 2), *args[3:], torch.zeros(3, dtype=torch.float64))
 
 
 _FP_ENV = r"""

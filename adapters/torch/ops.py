@@ -103,7 +103,7 @@ class SinkLease:
 
 def _exact_runs_parent(cell: str, tensors: tuple[Tensor, ...], has_proj: bool) -> bool:
     """Whether exact mode runs the parent's kernel for this layer (``dispatch.plan``, the one
-    place that decides): cuDNN on CUDA, oneDNN's LSTM at short ``T·H`` on CPU."""
+    place that decides): cuDNN on CUDA, oneDNN's LSTM above ``H = 256`` on CPU."""
     from .dispatch import plan
 
     return plan(cell, tensors, exact=True, has_proj=has_proj, wants_grad=True).backward == "parent"

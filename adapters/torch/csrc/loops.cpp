@@ -252,6 +252,23 @@ int64_t batch_grain(int64_t Tn, int64_t B, int64_t G) {
   return grain_for(Tn * G);
 }
 
+// The arguments of the LSTM's backward time loops (lstm_adjoint_out, lstm_highway1_out):
+// gates and dpre (T, B, 4H), the (T, B, H) tensors, c0 (B, H), W_hh and W_hh^T.
+void check_lstm_backward_args(const char* op, const Tensor& gates, const Tensor& c, const Tensor& c0,
+                              const Tensor& tanh_c, const Tensor& gain, const Tensor& w_hh, const Tensor& w_hh_t,
+                              const Tensor& lh, const Tensor& lc, const Tensor& wh, const Tensor& dc, const Tensor& dpre) {
+  check(gates.dim() == 3 && gates.size(2) % 4 == 0, op, "gates must be (T, B, 4H)");
+  const int64_t Tn = gates.size(0), B = gates.size(1), H = gates.size(2) / 4;
+  check(gates.scalar_type() == at::kFloat || gates.scalar_type() == at::kDouble, op, "gates must be float32/64");
+  check_contiguous(gates, gates, gates.numel(), op, "gates");
+  check_contiguous(dpre, gates, gates.numel(), op, "dpre");
+  for (const Tensor* t : Refs{&c, &tanh_c, &gain, &lh, &lc, &wh, &dc})
+    check_contiguous(*t, gates, Tn * B * H, op, "c/tanh_c/gain/lh/lc/wh/dc");
+  check_contiguous(c0, gates, B * H, op, "c0");
+  check_contiguous(w_hh, gates, 4 * H * H, op, "w_hh");
+  check_contiguous(w_hh_t, gates, 4 * H * H, op, "w_hh_t");
+}
+
 template <typename T>
 const T* ptr_or_null(const std::optional<Tensor>& t) {
   return t ? t->data_ptr<T>() : nullptr;
@@ -339,17 +356,8 @@ void gru_forward_(Tensor gi, Tensor gh, const Tensor& w_hh, const Tensor& w_hh_t
 void lstm_adjoint_out(const Tensor& gates, const Tensor& c, const Tensor& c0, const Tensor& tanh_c, const Tensor& gain,
                       const Tensor& w_hh, const Tensor& w_hh_t, const Tensor& lh, const Tensor& lc, Tensor wh, Tensor dc,
                       Tensor dpre) {
-  check(gates.dim() == 3 && gates.size(2) % 4 == 0, "lstm_adjoint_out", "gates must be (T, B, 4H)");
+  check_lstm_backward_args("lstm_adjoint_out", gates, c, c0, tanh_c, gain, w_hh, w_hh_t, lh, lc, wh, dc, dpre);
   const int64_t Tn = gates.size(0), B = gates.size(1), H = gates.size(2) / 4;
-  check(gates.scalar_type() == at::kFloat || gates.scalar_type() == at::kDouble, "lstm_adjoint_out",
-        "gates must be float32/64");
-  check_contiguous(gates, gates, gates.numel(), "lstm_adjoint_out", "gates");
-  check_contiguous(dpre, gates, gates.numel(), "lstm_adjoint_out", "dpre");
-  for (const Tensor* t : Refs{&c, &tanh_c, &gain, &lh, &lc, &wh, &dc})
-    check_contiguous(*t, gates, Tn * B * H, "lstm_adjoint_out", "c/tanh_c/gain/lh/lc/wh/dc");
-  check_contiguous(c0, gates, B * H, "lstm_adjoint_out", "c0");
-  check_contiguous(w_hh, gates, 4 * H * H, "lstm_adjoint_out", "w_hh");
-  check_contiguous(w_hh_t, gates, 4 * H * H, "lstm_adjoint_out", "w_hh_t");
   if (Tn == 0 || B == 0) return;
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_adjoint_out", [&] {
     at::parallel_for(0, B, batch_grain(Tn, B, 4 * H), [&](int64_t lo, int64_t hi) {
@@ -364,17 +372,8 @@ void lstm_adjoint_out(const Tensor& gates, const Tensor& c, const Tensor& c0, co
 void lstm_highway1_out(const Tensor& gates, const Tensor& c, const Tensor& c0, const Tensor& tanh_c, const Tensor& gain,
                        const Tensor& w_hh, const Tensor& w_hh_t, const Tensor& lh, const Tensor& lc, Tensor wh, Tensor dc,
                        Tensor dpre, Tensor sums) {
-  check(gates.dim() == 3 && gates.size(2) % 4 == 0, "lstm_highway1_out", "gates must be (T, B, 4H)");
+  check_lstm_backward_args("lstm_highway1_out", gates, c, c0, tanh_c, gain, w_hh, w_hh_t, lh, lc, wh, dc, dpre);
   const int64_t Tn = gates.size(0), B = gates.size(1), H = gates.size(2) / 4;
-  check(gates.scalar_type() == at::kFloat || gates.scalar_type() == at::kDouble, "lstm_highway1_out",
-        "gates must be float32/64");
-  check_contiguous(gates, gates, gates.numel(), "lstm_highway1_out", "gates");
-  check_contiguous(dpre, gates, gates.numel(), "lstm_highway1_out", "dpre");
-  for (const Tensor* t : Refs{&c, &tanh_c, &gain, &lh, &lc, &wh, &dc})
-    check_contiguous(*t, gates, Tn * B * H, "lstm_highway1_out", "c/tanh_c/gain/lh/lc/wh/dc");
-  check_contiguous(c0, gates, B * H, "lstm_highway1_out", "c0");
-  check_contiguous(w_hh, gates, 4 * H * H, "lstm_highway1_out", "w_hh");
-  check_contiguous(w_hh_t, gates, 4 * H * H, "lstm_highway1_out", "w_hh_t");
   check(sums.device().is_cpu() && sums.scalar_type() == at::kDouble && sums.is_contiguous() && sums.numel() == 3,
         "lstm_highway1_out", "sums must be a contiguous CPU float64 tensor of 3 elements");
   // One partial per chunk of rows (at its first row), added in row order: the same sums
