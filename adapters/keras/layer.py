@@ -27,7 +27,7 @@ from .gradient import after_backward, auto_controller, auto_options, highway_seq
 from .gru import GRUMath
 from .lstm import LSTMMath
 from .simple_rnn import SimpleRNNMath
-from .user_cell import UserCellMath, check_residual
+from .user_cell import UserCellMath, check_residual, nest_states, state_layout
 
 __all__ = ["HighwayRNN"]
 
@@ -146,23 +146,29 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
     def _check_supported(self) -> None:
         inner, cell = self.layer, self.layer.cell
         name = type(inner).__name__
-        if isinstance(cell, keras.layers.StackedRNNCells):
-            raise ValueError("HighwayRNN does not support StackedRNNCells; wrap one recurrent layer per HighwayRNN")
         if isinstance(inner, keras.layers.ConvLSTM1D.__mro__[1]):  # the ConvLSTM base class
             raise ValueError(f"HighwayRNN does not support {name}")
         math = _analytic_math(cell)
         if math is not None:
             math(cell)  # refuses unknown activations
-        else:
-            sizes = cell.state_size if isinstance(cell.state_size, (list, tuple)) else [cell.state_size]
-            if not all(isinstance(n, int) for n in sizes):
-                raise ValueError(f"HighwayRNN: user cells need integer state sizes, got state_size={cell.state_size!r}")
-            if getattr(cell, "dropout", 0) or getattr(cell, "recurrent_dropout", 0):
+            return
+        stacked = isinstance(cell, keras.layers.StackedRNNCells)
+        for sub in cell.cells if stacked else [cell]:
+            if isinstance(sub, keras.layers.StackedRNNCells):
+                raise ValueError("HighwayRNN does not support a StackedRNNCells inside a StackedRNNCells; give "
+                                 "StackedRNNCells the cells themselves")
+            if getattr(sub, "dropout", 0) or getattr(sub, "recurrent_dropout", 0):
+                where = f"a StackedRNNCells' {type(sub).__name__}" if stacked else type(sub).__name__
                 raise ValueError(
-                    f"HighwayRNN does not support dropout inside a user cell ({type(cell).__name__}): the cell is "
-                    "called once on all T·B rows, where a per-sequence mask has no place; apply keras.layers.Dropout "
-                    "to the inputs instead"
+                    f"HighwayRNN does not support dropout inside a user cell ({where}, dropout="
+                    f"{getattr(sub, 'dropout', 0)}, recurrent_dropout={getattr(sub, 'recurrent_dropout', 0)}): the cell "
+                    "is called once on all T·B rows, where a per-sequence mask has no place; apply "
+                    "keras.layers.Dropout to the inputs instead, or wrap one LSTM/GRU layer per HighwayRNN, whose "
+                    "dropout is supported"
                 )
+        sizes, _ = state_layout(cell)
+        if not all(isinstance(n, int) for n in sizes):
+            raise ValueError(f"HighwayRNN: user cells need integer state sizes, got state_size={cell.state_size!r}")
 
     # ------------------------------------------------------------ forwarding
     @property
@@ -252,12 +258,14 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
                     "If an RNN is stateful, the batch size of the input sequences must be the same as the batch "
                     f"size of the initial state. Expected batch size: {expected}, received batch size: {x.shape[0]}"
                 )
+        # States as one flat list (a StackedRNNCells nests them per sub-cell: _finish nests them again).
         if initial_state is None:
             # A copy of the state variables: the call writes them back in place (_finish),
             # which must not change a tensor the backward still needs (torch autograd).
-            states = [ops.copy(v.value) for v in inner.states] if inner.stateful else inner.get_initial_state(batch)
+            states = ([ops.copy(v.value) for v in keras.tree.flatten(inner.states)] if inner.stateful
+                      else keras.tree.flatten(inner.get_initial_state(batch)))
         else:
-            states = list(initial_state) if isinstance(initial_state, (list, tuple)) else [initial_state]
+            states = keras.tree.flatten(initial_state)
         states = [ops.cast(ops.convert_to_tensor(s), x.dtype) for s in states]
         s0 = ops.concatenate(states, axis=-1) if len(states) > 1 else states[0]
 
@@ -332,9 +340,11 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
         crosses between calls, as in Keras)."""
         inner = self.layer
         if inner.stateful:
-            for variable, value in zip(inner.states, final):
+            for variable, value in zip(keras.tree.flatten(inner.states), final):
                 variable.assign(ops.cast(ops.stop_gradient(value), variable.dtype))
         output = ops.transpose(out, (1, 0, 2)) if inner.return_sequences else out[-1]
+        nesting = state_layout(inner.cell)[1]
+        final = list(final) if nesting is None else nest_states(list(final), nesting)
         return (output, *final) if inner.return_state else output
 
     # ------------------------------------------------------------ serialisation

@@ -15,6 +15,12 @@ The residual ``K_t = diag(a_t)`` comes from ``residual``:
   broadcasts to its state's shape. It is evaluated on the whole ``T·B`` batch at once and
   treated as a constant.
 
+A ``keras.layers.StackedRNNCells`` is one user cell whose states are its sub-cells'
+states in order (flattened here, nested again for its ``call``). With ``residual=None``
+its residual is each built-in sub-cell's own path (``stacked_residual``): ``f_t`` on an
+LSTM cell state, ``z_t`` on a GRU state (as ``lstm.py``/``gru.py``), none elsewhere;
+``"none"`` is FPI, and a callable or ``"identity"`` covers the whole stack.
+
 The block VJP is the cell's full VJP minus the residual part:
 ``λ J_t = λ ∂F/∂s_{t-1} - a_t ⊙ λ``. Calling the cell once on the flattened ``T·B``
 batch gives every step's VJP in one autodiff call, as long as the cell treats batch rows
@@ -27,12 +33,13 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable
 
+import keras
 from keras import ops
 
 from .backend_ops import make_vjp
 from .steps import scan_states
 
-__all__ = ["UserCellMath", "check_residual"]
+__all__ = ["UserCellMath", "check_residual", "state_layout", "nest_states", "stacked_residual"]
 
 RESIDUAL_NAMES = ("identity", "none")
 
@@ -70,13 +77,88 @@ def _split(s: Any, sizes: tuple) -> list:
     return out
 
 
+def state_layout(cell: Any) -> tuple[tuple[int, ...], list[int] | None]:
+    """``(sizes, nesting)``: the cell's state sizes in order, flattened, and for a
+    ``StackedRNNCells`` the number of states of each sub-cell (``0`` for a sub-cell whose
+    ``state_size`` is a bare int, which Keras passes as one tensor), else ``None``.
+    Sizes are left as given (the layer refuses non-integers)."""
+    if isinstance(cell, keras.layers.StackedRNNCells):
+        sizes, nesting = [], []
+        for sub in cell.cells:
+            own = sub.state_size
+            if isinstance(own, (list, tuple)):
+                sizes.extend(own)
+                nesting.append(len(own))
+            else:
+                sizes.append(own)
+                nesting.append(0)
+        return tuple(sizes), nesting
+    sizes = cell.state_size if isinstance(cell.state_size, (list, tuple)) else [cell.state_size]
+    return tuple(sizes), None
+
+
+def nest_states(flat: list, nesting: list[int]) -> list:
+    """A ``StackedRNNCells``' nested states from the flat list (``state_layout``)."""
+    out, i = [], 0
+    for n in nesting:
+        if n == 0:
+            out.append(flat[i])
+            i += 1
+        else:
+            out.append(list(flat[i : i + n]))
+            i += n
+    return out
+
+
+def _gate(cell: Any, x: Any, h: Any, gate: int, count: int) -> Any:
+    """``recurrent_activation(x W_g + h U_g + b_g)`` for gate ``gate`` of a Keras cell with
+    ``count`` gates (LSTM ``i, f, c, o``; GRU ``z, r, h``, whose ``reset_after`` bias has
+    an input and a recurrent row)."""
+    H = cell.units
+    cut = lambda w: ops.cast(ops.convert_to_tensor(w), x.dtype)[..., gate * H : (gate + 1) * H]
+    z = ops.matmul(x, cut(cell.kernel)) + ops.matmul(h, cut(cell.recurrent_kernel))
+    if cell.use_bias:
+        b = cut(cell.bias)
+        z = z + (b[0] + b[1] if len(b.shape) == 2 else b)
+    return cell.recurrent_activation(z)
+
+
+def stacked_residual(cell: Any) -> Callable:
+    """The residual of a ``StackedRNNCells`` from its built-in sub-cells (module docstring),
+    as a ``residual`` callable on the flat states: ``f_t`` on an ``LSTMCell``'s cell state,
+    ``z_t`` on a ``GRUCell``'s state, ``None`` elsewhere. A sub-cell reads the stack's
+    input or, above the first, the previous sub-cell's output, which for the built-in cells
+    is their first state; above a user sub-cell (whose output may be no state) the built-in
+    residual is left out (``None``): it changes how fast the iteration converges, never
+    the exact gradient."""
+    _, nesting = state_layout(cell)
+
+    def residual(x: Any, prev: list, new: list) -> list:
+        out, i, below_ok, below_out = [], 0, True, x
+        for sub, n in zip(cell.cells, nesting):
+            count = max(n, 1)
+            inp = below_out if below_ok else None
+            if type(sub) is keras.layers.LSTMCell and inp is not None:
+                out.extend([None, _gate(sub, inp, prev[i], 1, 4)])
+            elif type(sub) is keras.layers.GRUCell and inp is not None:
+                out.append(_gate(sub, inp, prev[i], 0, 3))
+            else:
+                out.extend([None] * count)
+            below_ok = type(sub) in (keras.layers.LSTMCell, keras.layers.GRUCell, keras.layers.SimpleRNNCell)
+            below_out = new[i]
+            i += count
+        return out
+
+    return residual
+
+
 class UserCellMath:
     has_output = True
 
     def __init__(self, cell: Any, residual: Any, training: Any = None, split: str = "step"):
         self.cell = cell
-        self.residual_option = residual
-        sizes = cell.state_size if isinstance(cell.state_size, (list, tuple)) else [cell.state_size]
+        sizes, self.nesting = state_layout(cell)
+        self.residual_option = stacked_residual(cell) if residual is None and self.nesting is not None else residual
         self.state_sizes = tuple(int(n) for n in sizes)
         self.output_size = int(getattr(cell, "output_size", None) or self.state_sizes[0])
         self.kwargs = {"training": training} if getattr(cell, "_call_has_training_arg", False) else {}
@@ -89,10 +171,10 @@ class UserCellMath:
         ``Layer.__call__`` opens under a mixed policy (``mixed_float16``): the backward,
         which runs outside any layer call, would read the float32 variables and mix
         float32 with the float16 states. The cell's own scope is opened here."""
+        states = list(states) if self.nesting is None else nest_states(list(states), self.nesting)
         with _autocast(self.cell):
-            (y, new), _ = self.cell.stateless_call(list(params), self.non_trainable, x, list(states), **self.kwargs)
-        new = list(new) if isinstance(new, (list, tuple)) else [new]
-        return [y, *new]
+            (y, new), _ = self.cell.stateless_call(list(params), self.non_trainable, x, states, **self.kwargs)
+        return [y, *keras.tree.flatten(new)]
 
     def forward(self, params: list, x: Any, s0: list, mask: Any) -> Any:
         y0 = ops.zeros((ops.shape(x)[1], self.output_size), dtype=x.dtype)
