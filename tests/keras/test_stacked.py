@@ -165,3 +165,22 @@ def test_stack_fits_and_round_trips_its_config():
     for a, b in zip(clone.weights, hw.weights):
         a.assign(b.value)
     np.testing.assert_allclose(_np(clone(x)), _np(hw(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("return_state", [False, True])
+def test_bidirectional_stack_equals_the_unwrapped(return_state):
+    """``Bidirectional(HighwayRNN(RNN([LSTMCell, GRUCell])))``: the outputs and, with
+    ``return_state``, both directions' nested states equal the unwrapped layer's."""
+    def make():
+        return RNN([keras.layers.LSTMCell(3, seed=1), keras.layers.GRUCell(2, seed=2)], return_sequences=True,
+                   return_state=return_state)
+
+    x = np.random.default_rng(6).normal(size=(2, 5, 4)).astype("float32")
+    plain, hw = keras.layers.Bidirectional(make()), keras.layers.Bidirectional(HighwayRNN(make(), iterations=None))
+    plain(x), hw(x)
+    for a, b in zip(hw.weights, plain.weights):
+        a.assign(b.value)
+    want, got = keras.tree.flatten(plain(x)), keras.tree.flatten(hw(x))
+    assert len(got) == len(want) == (7 if return_state else 1)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(_np(g), _np(w), atol=1e-6)
