@@ -201,8 +201,12 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
         return self.layer.unroll
 
     def reset_state(self) -> None:
-        """Zero the state variables of a ``stateful=True`` layer, as Keras does."""
-        self.layer.reset_state()
+        """Zero the state variables of a ``stateful=True`` layer, as Keras does (every one of a
+        ``StackedRNNCells``' nested states too, where Keras 3.15's own ``reset_state`` raises
+        ``AttributeError`` on the nesting)."""
+        if self.layer.states is not None:
+            for variable in keras.tree.flatten(self.layer.states):
+                variable.assign(ops.zeros_like(variable.value))
 
     def reset_states(self) -> None:  # Keras' compatibility alias
         self.reset_state()

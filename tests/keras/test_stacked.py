@@ -184,3 +184,24 @@ def test_bidirectional_stack_equals_the_unwrapped(return_state):
     assert len(got) == len(want) == (7 if return_state else 1)
     for g, w in zip(got, want):
         np.testing.assert_allclose(_np(g), _np(w), atol=1e-6)
+
+
+def test_stateful_stack_carries_its_nested_states_and_resets():
+    """``stateful=True``: two calls give what one call on the concatenated sequence gives,
+    and ``reset_states()`` zeros every nested state (Keras' own ``reset_state`` raises on the
+    nesting in Keras 3.15)."""
+    def make(stateful):
+        return RNN([keras.layers.LSTMCell(3, seed=1), keras.layers.GRUCell(2, seed=2)], return_sequences=True,
+                   stateful=stateful)
+
+    x = np.random.default_rng(7).normal(size=(2, 6, 4)).astype("float32")
+    hw, full = HighwayRNN(make(True), iterations=None), HighwayRNN(make(False), iterations=None)
+    first = _np(hw(x[:, :3]))
+    second = _np(hw(x[:, 3:]))
+    full(x)
+    for a, b in zip(full.weights, hw.weights):
+        a.assign(b.value)
+    np.testing.assert_allclose(np.concatenate([first, second], 1), _np(full(x)), atol=1e-6)
+    hw.reset_states()
+    assert all(not _np(v.value).any() for v in keras.tree.flatten(hw.layer.states))
+    np.testing.assert_allclose(_np(hw(x[:, :3])), first, atol=1e-6)
