@@ -131,6 +131,10 @@ def test_kernels_status_names_the_build():
     st = kernels_status()
     assert st["kernels"] == f"compiled C++ operators ({native._state['level'].upper()} build, built at install)"
     assert st["gate kernels (CPU)"] == "compiled"
+    from hwbptt.torch import dispatch
+
+    assert st["LSTM k=1 (CPU)"].startswith(f"one compiled time loop up to H = {dispatch.LOOP_MAX_H}")
+    assert st["LSTM exact mode (CPU)"].startswith("compiled adjoint up to H = ")
 
 
 def test_the_scan_splits_over_threads_with_one_threads_result(torch_threads):

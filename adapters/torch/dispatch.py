@@ -129,6 +129,10 @@ def kernels_status() -> dict[str, str]:
     out["gate kernels (CPU)"] = "compiled" if fused.available() else "eager torch"
     out["forward keeping the gates, exact adjoint (CPU)"] = (
         "compiled" if reserve.available() else "unavailable: fused forward and recompute")
+    out["LSTM k=1 (CPU)"] = (f"one compiled time loop up to H = {LOOP_MAX_H}, the batched iteration above"
+                             if reserve.available() else "the batched iteration")
+    out["LSTM exact mode (CPU)"] = (f"compiled adjoint up to H = {EXACT_LSTM_MAX_H}, oneDNN's LSTM above"
+                                    if reserve.available() else "oneDNN's LSTM (the parent's)")
     out["large products"] = gemm.status()
     cells = fused._triton_cells() if torch.cuda.is_available() else None
     out["CUDA kernels"] = "triton" if cells is not None else ("eager torch" if torch.cuda.is_available() else "no CUDA device")
