@@ -162,8 +162,8 @@ def _chunked_pays() -> bool:
 
     Which wins is a property of the machine's BLAS, not of the shapes: on one 2-core machine
     MKL's transposed product ran at about half oneDNN's rate and the chunked path took 7-29%
-    less at K = 128 and 42-92% less at K >= 256; on another (AMD, AVX-512) torch.mm took
-    1.2-2.2x less than the chunked path at every shape of the tapes (docs/performance.md).
+    less at K = 128 and 42-92% less at K >= 256; on a 2-core Intel Xeon (AVX-512) torch.mm
+    took 1.3-2.2x less than the chunked path at every shape of the tapes (docs/performance.md).
     The two compute the same sums in another order."""
     if _state["chunked"] is None:
         g = torch.Generator().manual_seed(0)
