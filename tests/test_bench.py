@@ -61,6 +61,27 @@ def test_bench_grid_suite_prints_ratios_and_verdicts(tmp_path, capsys):
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
+def test_bench_grid_marks_where_exact_mode_runs_the_parent(tmp_path, capsys, monkeypatch):
+    """Rows where exact mode runs the parent's own kernel (``dispatch.plan``) are marked, with a
+    footnote, and the exact verdict adds the lowest ratio where this project's adjoint runs."""
+    from hwbptt.torch import dispatch, reserve
+
+    if not reserve.available():
+        import pytest
+
+        pytest.skip("without the compiled kernels exact mode always runs the parent")
+    monkeypatch.setattr(dispatch, "EXACT_LSTM_MAX_H", 4)  # the LSTM at H = 8 takes the parent's kernel
+    assert bench.main(["--suites", "grid", "--grid-shapes", "6x2x4,5x3x8", "--repeats", "1", "--warmup", "0",
+                       "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "grid.json").read_text())["rows"]
+    assert {(r["model"], r["H"], r["exact_path"]) for r in rows} == {
+        ("lstm", 4, "ours"), ("lstm", 8, "parent"), ("gru", 4, "ours"), ("gru", 8, "ours")}
+    assert "* exact mode runs the parent's own kernel" in out
+    ours = min(r["exact"] for r in rows if r["exact_path"] == "ours")
+    assert f"where this project's adjoint runs: lowest {ours:.2f}x" in out
+
+
 def test_bench_grid_shapes_are_checked():
     import pytest
 
