@@ -87,11 +87,11 @@ def exact_adjoint_pays(cell: str, T: int, H: int) -> bool:
     return cell == "gru" or H <= EXACT_LSTM_MAX_H
 
 
-def highway_loop_pays(cell: str, T: int, B: int, H: int) -> bool:
+def highway_loop_pays(cell: str, H: int) -> bool:
     """Whether one Highway iteration (``k = 1``) runs faster as a compiled time loop
     (``reserve.lstm_highway1``, the same estimate step by step in BPTT's order) than as the
     batched iteration (one product over all ``T·B`` rows and a few passes over the whole
-    sequence): the LSTM at ``H <= 256`` (docs/performance.md)."""
+    sequence), for a layer of width ``H``: the LSTM at ``H <= 256`` (docs/performance.md)."""
     return cell == "lstm" and H <= LOOP_MAX_H
 
 

@@ -388,14 +388,14 @@ class FastLSTMTape(LSTMTape):
         """As ``LSTMTape._iterate``. One iteration of the ``"gates"`` split with ``γ = 0``
         runs as one C time loop (``reserve.lstm_highway1``, the same estimate, which also
         writes ``dpre`` for ``input_grads``) where ``dispatch.highway_loop_pays``."""
-        T, B, P = lh.shape
+        T, P = lh.shape[0], lh.shape[-1]
         if (
             observe is None
             and options.split == "gates"
             and options.gamma == 0.0
             and effective_iterations(options, T) == 1
             and self.w.w_hr is None
-            and dispatch.highway_loop_pays("lstm", T, B, P)
+            and dispatch.highway_loop_pays("lstm", P)
             and reserve.supports(lh, lc, self.gates, self.c, self.w.w_hh, self.c0)
         ):
             dc, wh, dpre, (d0, d1, norm1) = reserve.lstm_highway1(

@@ -177,14 +177,7 @@ void lstm_adjoint_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi,
   }
 }
 
-// One Highway-BP iteration of the "gates" split (k = 1, γ = 0) in BPTT's order, the
-// batched iteration's result (``FastLSTMTape._iterate``) computed one step at a time
-// while each step's rows are in cache:
-//   u0_t = ℓc_t + ℓh_t gain_t + f_{t+1} u0_{t+1}          (the scan of the local gradient)
-//   p_t = lstm_dpre(u0_t, ℓh_t),   q_t = p_{t+1} W_hh      (the block at u0, q_{T-1} = 0)
-//   wh_t = ℓh_t + q_t
-//   dc_t = (f_{t+1} dc_{t+1} + ℓc_t + ℓh_t gain_t) + q_t gain_t,   dpre_t = lstm_dpre(dc_t, wh_t)
-// part[3 b_lo + (0, 1, 2)] += Σ u0², Σ (dc - u0)², Σ dc² over these rows (the engine's norms).
+// The lanes of a vector summed in double.
 template <typename T>
 double lane_sum(const Vec<T>& v) {
   T lanes[Vec<T>::size()];
@@ -194,6 +187,14 @@ double lane_sum(const Vec<T>& v) {
   return s;
 }
 
+// One Highway-BP iteration of the "gates" split (k = 1, γ = 0) in BPTT's order, the
+// batched iteration's result (``FastLSTMTape._iterate``) computed one step at a time
+// while each step's rows are in cache:
+//   u0_t = ℓc_t + ℓh_t gain_t + f_{t+1} u0_{t+1}          (the scan of the local gradient)
+//   p_t = lstm_dpre(u0_t, ℓh_t),   q_t = p_{t+1} W_hh      (the block at u0, q_{T-1} = 0)
+//   wh_t = ℓh_t + q_t
+//   dc_t = (f_{t+1} dc_{t+1} + ℓc_t + ℓh_t gain_t) + q_t gain_t,   dpre_t = lstm_dpre(dc_t, wh_t)
+// part[3 lo + (0, 1, 2)] = Σ u0², Σ (dc - u0)², Σ dc² over these rows (the engine's norms).
 template <typename T>
 void lstm_highway1_rows(int64_t Tn, int64_t B, int64_t H, int64_t lo, int64_t hi, const T* gates, const T* c,
                         const T* c0, const T* tc, const T* gain, const T* w_hh, const T* w_hh_t, const T* lh, const T* lc,
