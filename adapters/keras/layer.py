@@ -21,8 +21,9 @@ from keras import ops
 
 from hwbptt.options import HighwayOptionsMixin
 
-from . import auto_graph, gate_dropout, tf_kernels, torch_kernels
+from . import auto_graph, cell_dropout, gate_dropout, tf_kernels, torch_kernels
 from .backend_ops import is_traced
+from .cell_dropout import DropoutRNNCell
 from .gradient import after_backward, auto_controller, auto_options, highway_sequence
 from .gru import GRUMath
 from .lstm import LSTMMath
@@ -157,14 +158,13 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
             if isinstance(sub, keras.layers.StackedRNNCells):
                 raise ValueError("HighwayRNN does not support a StackedRNNCells inside a StackedRNNCells; give "
                                  "StackedRNNCells the cells themselves")
-            if getattr(sub, "dropout", 0) or getattr(sub, "recurrent_dropout", 0):
+            if (getattr(sub, "dropout", 0) or getattr(sub, "recurrent_dropout", 0)) and not isinstance(sub, DropoutRNNCell):
                 where = f"a StackedRNNCells' {type(sub).__name__}" if stacked else type(sub).__name__
                 raise ValueError(
-                    f"HighwayRNN does not support dropout inside a user cell ({where}, dropout="
-                    f"{getattr(sub, 'dropout', 0)}, recurrent_dropout={getattr(sub, 'recurrent_dropout', 0)}): the cell "
-                    "is called once on all T·B rows, where a per-sequence mask has no place; apply "
-                    "keras.layers.Dropout to the inputs instead, or wrap one LSTM/GRU layer per HighwayRNN, whose "
-                    "dropout is supported"
+                    f"HighwayRNN supports dropout inside a user cell only through Keras' DropoutRNNCell mixin, whose "
+                    f"masks are drawn once per call; {where} has dropout={getattr(sub, 'dropout', 0)}, "
+                    f"recurrent_dropout={getattr(sub, 'recurrent_dropout', 0)} without it: a mask drawn inside the "
+                    "cell's call would differ between the steps and the one T·B-row call of Highway-BP's VJPs"
                 )
         sizes, _ = state_layout(cell)
         if not all(isinstance(n, int) for n in sizes):
@@ -274,7 +274,13 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
         s0 = ops.concatenate(states, axis=-1) if len(states) > 1 else states[0]
 
         # Dropout masks as the wrapped layer draws them (one per sequence, the same seed stream).
-        in_mask, in_gates, rec_gates = gate_dropout.draw(cell, x[:, 0], states[0], training)
+        user_masks = []
+        if _analytic_math(cell) is None:  # a user cell: its own masks, in its caches (cell_dropout)
+            nesting = state_layout(cell)[1]
+            user_masks = cell_dropout.draw(inner, cell, x[:, 0], states if nesting is None else nest_states(states, nesting))
+            in_mask = in_gates = rec_gates = None
+        else:
+            in_mask, in_gates, rec_gates = gate_dropout.draw(cell, x[:, 0], states[0], training)
         if in_mask is not None:
             x = x * ops.expand_dims(ops.cast(in_mask, x.dtype), 1)
         gate_masks = None if in_gates is None and rec_gates is None else (in_gates, rec_gates)
@@ -298,6 +304,8 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
         def math_for(opts, gates):  # the cell math of one mode, with the gate dropout masks
             exact = opts.iterations is None and opts.tol is None
             math = self._make_math("step" if (exact or m_tm is not None) else opts.split, training)
+            if user_masks:
+                math.dropout_masks = user_masks
             if gates[0] is not None or gates[1] is not None:
                 math.in_gates = None if gates[0] is None else ops.cast(gates[0], x.dtype)
                 math.rec_gates = None if gates[1] is None else ops.cast(gates[1], x.dtype)

@@ -37,6 +37,7 @@ import keras
 from keras import ops
 
 from .backend_ops import make_vjp
+from .cell_dropout import masks_in
 from .steps import scan_states
 
 __all__ = ["UserCellMath", "check_residual", "state_layout", "nest_states", "stacked_residual"]
@@ -163,16 +164,18 @@ class UserCellMath:
         self.output_size = int(getattr(cell, "output_size", None) or self.state_sizes[0])
         self.kwargs = {"training": training} if getattr(cell, "_call_has_training_arg", False) else {}
         self.non_trainable = [ops.convert_to_tensor(v) for v in cell.non_trainable_variables]
+        self.dropout_masks: list = []  # cell_dropout.draw's, set by the layer for its call
 
-    def call(self, params: list, x: Any, states: list) -> list:
-        """``[y_t, s^1_t, ..., s^n_t]`` from the cell, with the weights ``params``.
+    def call(self, params: list, x: Any, states: list, tiles: Any = None) -> list:
+        """``[y_t, s^1_t, ..., s^n_t]`` from the cell, with the weights ``params``; ``x``
+        holds one step's rows, or ``tiles`` steps flattened (the dropout masks are tiled).
 
         ``stateless_call`` runs the cell's ``call`` without the autocast scope that
         ``Layer.__call__`` opens under a mixed policy (``mixed_float16``): the backward,
         which runs outside any layer call, would read the float32 variables and mix
         float32 with the float16 states. The cell's own scope is opened here."""
         states = list(states) if self.nesting is None else nest_states(list(states), self.nesting)
-        with _autocast(self.cell):
+        with _autocast(self.cell), masks_in(self.dropout_masks, tiles):
             (y, new), _ = self.cell.stateless_call(list(params), self.non_trainable, x, states, **self.kwargs)
         return [y, *keras.tree.flatten(new)]
 
@@ -204,7 +207,7 @@ class UserLinearization:
         n = len(self.sizes)
 
         def fn(xf, *rest):
-            return math.call(list(rest[n:]), xf, list(rest[:n]))
+            return math.call(list(rest[n:]), xf, list(rest[:n]), tiles=self.T)
 
         self.outs, self._vjp = make_vjp(fn, [self.x_flat, *self.prev_flat, *params])
 

@@ -142,9 +142,12 @@ def test_composed_residual_converges_where_fpi_does_not():
     assert errors[None] < 0.5 * errors["none"], errors
 
 
-def test_dropout_in_a_stacked_cell_and_nested_stacks_are_refused():
-    with pytest.raises(ValueError, match=r"StackedRNNCells' GRUCell, dropout=0.1"):
-        HighwayRNN(RNN([keras.layers.LSTMCell(3), keras.layers.GRUCell(2, dropout=0.1)]))(SEQ)
+def test_nested_stacks_and_a_sub_cell_drawing_its_own_dropout_are_refused():
+    """(Sub-cells with Keras' dropout mixin are supported: test_cell_dropout.py.)"""
+    from test_cell_dropout import LooseDropoutCell
+
+    with pytest.raises(ValueError, match=r"a StackedRNNCells' LooseDropoutCell has dropout=0.2"):
+        HighwayRNN(RNN([keras.layers.LSTMCell(3), LooseDropoutCell(2)]))(SEQ)
     inner = keras.layers.StackedRNNCells([keras.layers.LSTMCell(3)])
     with pytest.raises(ValueError, match="inside a StackedRNNCells"):
         HighwayRNN(RNN([inner, keras.layers.GRUCell(2)]))(SEQ)
