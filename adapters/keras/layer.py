@@ -148,7 +148,11 @@ class HighwayRNN(HighwayOptionsMixin, keras.layers.Layer):
         inner, cell = self.layer, self.layer.cell
         name = type(inner).__name__
         if isinstance(inner, keras.layers.ConvLSTM1D.__mro__[1]):  # the ConvLSTM base class
-            raise ValueError(f"HighwayRNN does not support {name}")
+            raise ValueError(
+                f"HighwayRNN does not support {name}: its inputs and states are feature maps (batch, time, *spatial, "
+                "channels), where HighwayRNN takes (batch, time, features) sequences and flat states; train it "
+                "with BPTT (the unwrapped layer)"
+            )
         math = _analytic_math(cell)
         if math is not None:
             math(cell)  # refuses unknown activations

@@ -135,3 +135,4 @@ def test_a_stack_with_dropout_fits():
     model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
     history = model.fit(x, y, epochs=8, batch_size=8, verbose=0).history["loss"]
     assert np.all(np.isfinite(history)) and history[-1] < history[0], history
+

@@ -55,8 +55,7 @@ def test_not_a_recurrent_layer_is_a_type_error():
         (lambda: keras.layers.LSTM(H, activation="softplus"), "activation"),
         (lambda: keras.layers.GRU(H, recurrent_activation="hard_sigmoid"), "recurrent_activation"),
         (lambda: keras.layers.SimpleRNN(H, activation=lambda z: z * z), "activation"),
-        (lambda: keras.layers.RNN([keras.layers.LSTMCell(H), keras.layers.LSTMCell(H, recurrent_dropout=0.2)]),
-         "StackedRNNCells' LSTMCell"),
+        (lambda: keras.layers.ConvLSTM1D(2, 3), "ConvLSTM1D: its inputs and states are feature maps"),
     ],
 )
 def test_unsupported_options_are_refused(build, match):
