@@ -80,12 +80,15 @@ def run_config(kind: str, layers: int, T: int, B: int, H: int, warmup: int, repe
         m.load_state_dict(parent.state_dict())
         ours[name] = m
     x, w = torch.randn(T, B, H), torch.randn(T, B, H)
-    runs = {"parent": _step(parent, x, w), **{n: _step(m, x, w) for n, m in ours.items()}}
+    # The parent is timed twice, first and last of each round: the ratio of the two is the
+    # parent against itself, the resolution of this row's other ratios on this machine.
+    runs = {"parent": _step(parent, x, w), **{n: _step(m, x, w) for n, m in ours.items()}, "parent again": _step(parent, x, w)}
     times = interleaved(runs, warmup, repeats, bar)
     base = times["parent"]["step"]
     return {"model": kind, "layers": layers, "T": T, "B": B, "H": H, "repeats": repeats,
             "parent_ms": base * 1e3, "exact_ms": times["exact"]["step"] * 1e3, "k1_ms": times["k=1"]["step"] * 1e3,
             "exact": base / times["exact"]["step"], "k1": base / times["k=1"]["step"],
+            "self": base / times["parent again"]["step"],
             "exact_path": _exact_path(kind, parent, x)}
 
 
@@ -125,6 +128,10 @@ def verdicts(rows: list[dict], median: tuple[int, int, int] = MEDIAN) -> list[st
                    f"(lowest {worst[key]:.2f}x at {worst['model']} L={worst['layers']} T={worst['T']} "
                    f"B={worst['B']} H={worst['H']}; median over the grid {statistics.median(r[key] for r in rows):.2f}x"
                    f"{where_ours})")
+    if all("self" in r for r in rows):
+        lo, hi = min(r["self"] for r in rows), max(r["self"] for r in rows)
+        out.append(f"resolution: the parent against itself read {lo:.2f}-{hi:.2f}x over the grid "
+                   f"(median {statistics.median(r['self'] for r in rows):.2f}x); a ratio within that of 1.0 is a tie here")
     at_median = [r for r in rows if r["model"] == "lstm" and (r["T"], r["B"], r["H"]) == median]
     if at_median:
         low = min(r["exact"] for r in at_median)
@@ -135,14 +142,15 @@ def verdicts(rows: list[dict], median: tuple[int, int, int] = MEDIAN) -> list[st
 
 
 def format_grid(rows: list[dict]) -> str:
-    head = f"{'model':<5} {'L':>1} {'T':>5} {'B':>3} {'H':>4} {'parent ms':>10} {'exact':>7} {'k=1':>7}"
+    head = f"{'model':<5} {'L':>1} {'T':>5} {'B':>3} {'H':>4} {'parent ms':>10} {'exact':>7} {'k=1':>7} {'self':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         mark = "*" if r.get("exact_path") == "parent" else " "
         lines.append(f"{r['model']:<5} {r['layers']:>1} {r['T']:>5} {r['B']:>3} {r['H']:>4} {r['parent_ms']:>10.2f} "
-                     f"{r['exact']:>6.2f}x{mark}{r['k1']:>6.2f}x")
+                     f"{r['exact']:>6.2f}x{mark}{r['k1']:>6.2f}x {r['self']:>5.2f}x")
     if any(r.get("exact_path") == "parent" for r in rows):
         lines.append("* exact mode runs the parent's own kernel at this shape (dispatch.plan): the parent against itself")
+    lines.append("self: the parent timed twice in each round, first time / second time (1.00x: no noise)")
     return "\n".join(lines)
 
 

@@ -58,6 +58,12 @@ def test_bench_grid_suite_prints_ratios_and_verdicts(tmp_path, capsys):
     line = next(v for v in data["verdicts"] if "exact mode never slower" in v)
     assert line.startswith("MET" if worst_exact >= 1.0 else "MISSED") and f"{worst_exact:.2f}x" in line
     assert all(v in out for v in data["verdicts"])
+    # The parent against itself, per row and as the grid's resolution line.
+    selfs = [r["self"] for r in rows]
+    assert all(s > 0 for s in selfs)
+    res = next(v for v in data["verdicts"] if v.startswith("resolution"))
+    assert f"{min(selfs):.2f}-{max(selfs):.2f}x" in res
+    assert "self: the parent timed twice" in out
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
