@@ -176,23 +176,29 @@ def test_huge_and_tiny_inputs(cls, parent, dtype, scale):
 
 @pytest.mark.parametrize("cls, parent", PAIRS, ids=IDS)
 def test_bfloat16_autocast_within_tolerance_of_float64(cls, parent):
-    """Under ``torch.autocast("cpu", bfloat16)`` (the parent runs its kernel in bfloat16
-    there), the exact-after-T Highway gradients are within 2e-2 (relative, per tensor) of a
-    float64 BPTT reference, and no worse than 3x the parent's own autocast error."""
+    """Under ``torch.autocast("cpu", bfloat16)`` the exact-after-T Highway gradients are
+    float32, finite, within 2e-2 (relative, per tensor) of a float64 BPTT reference, and
+    within 5x of bfloat16's own rounding error: the float64 BPTT gradient of the same layer
+    with its weights and input rounded to bfloat16 (measured: 1.3-2.2e-3 for the LSTM, ours
+    1.7-6.5e-3). Whether the parent has a bfloat16 kernel depends on the CPU (oneDNN's LSTM
+    has none without AVX-512 BF16 and raises), so the parent's own autocast run is no
+    reference here."""
     T, B, I, H = 50, 3, 4, 6
     ours, ref32 = twins(cls, parent, I, H, dtype=torch.float32, iterations=T)
     ref64 = parent(I, H, dtype=torch.float64)
     ref64.load_state_dict(ref32.state_dict())
+    rounded = parent(I, H, dtype=torch.float64)
+    rounded.load_state_dict({k: v.to(torch.bfloat16).double() for k, v in ref32.state_dict().items()})
     g = torch.Generator().manual_seed(4)
     x, w = torch.randn(T, B, I, generator=g), torch.randn(T, B, H, generator=g)
     exact = grads(ref64, x.double(), w.double())
+    floor = grads(rounded, x.to(torch.bfloat16).double(), w.double())
     g_ours = autocast_grads(ours, x, w, torch.bfloat16)
-    g_par = autocast_grads(ref32, x, w, torch.bfloat16)
-    for a, p, e in zip(g_ours, g_par, exact):
+    for a, r, e in zip(g_ours, floor, exact):
         assert a.dtype == torch.float32
         assert torch.isfinite(a).all()
         assert rel(a, e) <= 2e-2
-        assert rel(a, e) <= 3 * rel(p, e) + 1e-6
+        assert rel(a, e) <= 5 * rel(r, e) + 1e-6, (rel(a, e), rel(r, e))
 
 
 def autocast_grads(module, x, w, dtype, backward_inside=False):
@@ -239,12 +245,11 @@ def test_float16_autocast_within_tolerance_of_float64(cls, parent):
 
 @pytest.mark.parametrize("cls, parent", PAIRS, ids=IDS)
 def test_bfloat16_autocast_backward_inside_the_context(cls, parent):
-    """``loss.backward()`` inside the ``torch.autocast`` block works for the parent; it
-    must work (and give the same gradients as a backward outside) for us too."""
+    """``loss.backward()`` inside the ``torch.autocast`` block (common in training loops)
+    gives the same gradients as a backward outside it."""
     T, B, I, H = 20, 2, 3, 4
-    ours, ref = twins(cls, parent, I, H, dtype=torch.float32, iterations=T)
+    ours, _ = twins(cls, parent, I, H, dtype=torch.float32, iterations=T)
     x, w = torch.randn(T, B, I), torch.randn(T, B, H)
-    autocast_grads(ref, x, w, torch.bfloat16, backward_inside=True)  # the parent: fine
     inside = autocast_grads(ours, x, w, torch.bfloat16, backward_inside=True)
     outside = autocast_grads(ours, x, w, torch.bfloat16)
     for a, b in zip(inside, outside):
